@@ -1,0 +1,2 @@
+"""ffexport: export, quantize, verify and benchmark FeatherFace face detectors."""
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""User cache, checksummed downloads and atomic writes: the one place files enter or leave ffexport."""
+import contextlib
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import FFExportError
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("FFEXPORT_CACHE", Path.home() / ".cache" / "ffexport"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256sum(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix=None):
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
+
+    An existing output is never left half-written, and a failed run leaves no partial file.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FFExportError(f"output folder {parent} does not exist: create it or choose another output path (-o/--json/--draw)")
+    if not os.access(parent, os.W_OK):
+        raise FFExportError(f"output folder {parent} is not writable: choose another output path (-o/--json/--draw)")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers (onnx, coremltools) want to create the file or folder themselves
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path) if not (Path(tmp).is_dir() and path.is_dir()) else _replace_dir(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _replace_dir(tmp, path):
+    import shutil
+
+    shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _remove(p):
+    import shutil
+
+    p = Path(p)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def download(url: str, dest, sha256: str, what: str, fix: str) -> Path:
+    """Download `url` to `dest` with a progress bar, verifying sha256 before the file appears.
+
+    `what` names the thing ("FeatherFace v2 weights"), `fix` says what to do if it fails.
+    """
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {what}",
+                          disable=None) as bar:
+                    for block in iter(lambda: r.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise FFExportError(f"could not download {what} from {url} ({e}): {fix}") from None
+        got = sha256sum(tmp)
+        if got != sha256:
+            raise FFExportError(
+                f"downloaded {what} has sha256 {got[:12]}…, expected {sha256[:12]}… (corrupt or wrong file): {fix}")
+    return dest

@@ -1,0 +1,125 @@
+"""Modulated deformable convolution (DCNv2) from standard tensor ops, in three exportable forms.
+
+Semantics are torchvision.ops.deform_conv2d's: offsets laid out (dy, dx) per kernel point, bilinear
+sampling with zeros outside the image, samples multiplied by the mask, then a plain convolution.
+No runtime has a deformable op on mobile, so the form is chosen per export target:
+
+- "grid":   F.grid_sample for all kernel points at once, then a 1x1 conv. Maps to ONNX GridSample,
+            CoreML and TFLite resampling ops; the fastest decomposition.
+- "gather": explicit 4-corner bilinear interpolation with torch.gather. Last resort for runtimes
+            without a grid-sample op.
+- "native": exports as the ONNX-standard DeformConv (opset 19); in PyTorch it computes "grid".
+- "plain":  drops offsets and mask, i.e. the regular conv alone. An approximation with a
+            measurable accuracy cost, never a silent default.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMS = ("grid", "gather", "native", "plain")
+
+
+def _sampling_points(offset, h, w, kh, kw, stride, pad, dil):
+    """Absolute sampling coordinates (y, x), each (N, K, Ho, Wo), in input pixels."""
+    n, _, ho, wo = offset.shape
+    k = kh * kw
+    dev, dt = offset.device, offset.dtype
+    ki = torch.arange(kh, device=dev, dtype=dt).repeat_interleave(kw) * dil[0]
+    kj = torch.arange(kw, device=dev, dtype=dt).repeat(kh) * dil[1]
+    oy = torch.arange(ho, device=dev, dtype=dt) * stride[0] - pad[0]
+    ox = torch.arange(wo, device=dev, dtype=dt) * stride[1] - pad[1]
+    off = offset.view(n, k, 2, ho, wo)
+    y = ki.view(1, k, 1, 1) + oy.view(1, 1, ho, 1) + off[:, :, 0]
+    x = kj.view(1, k, 1, 1) + ox.view(1, 1, 1, wo) + off[:, :, 1]
+    return y, x
+
+
+def _sample_grid(x, py, px):
+    """Bilinear samples (N, C, K, Ho, Wo) via grid_sample; zeros outside like torchvision."""
+    n, c, h, w = x.shape
+    _, k, ho, wo = py.shape
+    # align_corners=False: pixel p sits at normalised (2p+1)/size - 1; valid for size 1 too.
+    gx = (2 * px + 1) / w - 1
+    gy = (2 * py + 1) / h - 1
+    grid = torch.stack((gx, gy), dim=-1).view(n, k * ho, wo, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(n, c, k, ho, wo)
+
+
+def _sample_gather(x, py, px):
+    """Bilinear samples (N, C, K, Ho, Wo) from the four integer neighbours via gather."""
+    n, c, h, w = x.shape
+    _, k, ho, wo = py.shape
+    y0, x0 = torch.floor(py), torch.floor(px)
+    flat = x.reshape(n, c, h * w)
+    out = 0
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy, xx = y0 + dy, x0 + dx
+            wgt = (1 - (py - yy).abs()) * (1 - (px - xx).abs())
+            valid = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
+            idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).to(torch.int64)
+            v = torch.gather(flat, 2, idx.view(n, 1, -1).expand(n, c, -1)).view(n, c, k, ho, wo)
+            out = out + v * (wgt * valid.to(x.dtype)).unsqueeze(1)
+    return out
+
+
+def deform_conv2d(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                  sampler="grid"):
+    """torchvision.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)."""
+    o, c, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    py, px = _sampling_points(offset, h, w, kh, kw, stride, padding, dilation)
+    cols = (_sample_grid if sampler == "grid" else _sample_gather)(x, py, px)
+    cols = cols * mask.unsqueeze(1)
+    _, _, k, ho, wo = cols.shape
+    # Sampled columns are (C, K)-major, the same order as weight.view(O, C*K): a 1x1 conv finishes it.
+    return F.conv2d(cols.reshape(n, c * k, ho, wo), weight.reshape(o, c * k, 1, 1), bias)
+
+
+class _OnnxDeformConv(torch.autograd.Function):
+    """Computes the grid form in PyTorch, exports as one ONNX DeformConv node (legacy exporter)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offset, mask, stride, padding, dilation):
+        return deform_conv2d(x, offset, mask, weight, None, stride, padding, dilation, "grid")
+
+    @staticmethod
+    def symbolic(g, x, weight, offset, mask, stride, padding, dilation):
+        o, _, kh, kw = weight.type().sizes()
+        # DeformConv's bias is optional but positional before the mask: feed explicit zeros.
+        bias = g.op("Constant", value_t=torch.zeros(o))
+        return g.op("DeformConv", x, weight, offset, bias, mask, dilations_i=list(dilation), group_i=1, kernel_shape_i=[kh, kw], offset_group_i=1,
+                    pads_i=[padding[0], padding[1], padding[0], padding[1]], strides_i=list(stride))
+
+
+class DeformableConv2d(nn.Module):
+    """DCNv2 block as the FeatherFace checkpoints store it: offset_conv, modulator_conv, regular_conv."""
+
+    def __init__(self, cin, cout, k=3, stride=1, padding=1):
+        super().__init__()
+        self.stride, self.padding = (stride, stride), (padding, padding)
+        self.offset_conv = nn.Conv2d(cin, 2 * k * k, k, stride, padding, bias=True)
+        self.modulator_conv = nn.Conv2d(cin, k * k, k, stride, padding, bias=True)
+        self.regular_conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
+        self.form = "grid"
+
+    def forward(self, x):
+        if self.form == "plain":
+            return self.regular_conv(x)
+        offset = self.offset_conv(x)
+        mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
+        if self.form == "native" and torch.onnx.is_in_onnx_export():
+            return _OnnxDeformConv.apply(x, self.regular_conv.weight, offset, mask, self.stride, self.padding, (1, 1))
+        sampler = "gather" if self.form == "gather" else "grid"
+        return deform_conv2d(x, offset, mask, self.regular_conv.weight, None, self.stride, self.padding, (1, 1),
+                             sampler)
+
+
+def set_dcn_form(model: nn.Module, form: str) -> nn.Module:
+    if form not in FORMS:
+        raise ValueError(f"unknown DCN form {form!r}; choose one of {', '.join(FORMS)}")
+    for m in model.modules():
+        if isinstance(m, DeformableConv2d):
+            m.form = form
+    return model

@@ -1,0 +1,69 @@
+"""The deformable conv forms against a naive per-pixel transcription of DCNv2 (torchvision semantics)."""
+import numpy as np
+import pytest
+import torch
+
+from models.dcn import deform_conv2d
+
+
+def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
+    """Direct loops: for each output pixel and kernel tap, bilinearly sample, modulate, accumulate."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+
+    def sample(img, y, xx):
+        if y <= -1 or y >= h or xx <= -1 or xx >= w:
+            return 0.0
+        y0, x0 = int(np.floor(y)), int(np.floor(xx))
+        val = 0.0
+        for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+            for xq, wx in ((x0, 1 - (xx - x0)), (x0 + 1, xx - x0)):
+                if 0 <= yy < h and 0 <= xq < w:
+                    val += wy * wx * img[yy, xq]
+        return val
+
+    out = np.zeros((n, o, ho, wo))
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                for ki in range(kh):
+                    for kj in range(kw):
+                        k = ki * kw + kj
+                        y = i * stride - pad + ki + offset[b, 2 * k, i, j]
+                        xx = j * stride - pad + kj + offset[b, 2 * k + 1, i, j]
+                        m = mask[b, k, i, j]
+                        for ch in range(c):
+                            v = sample(x[b, ch], y, xx) * m
+                            out[b, :, i, j] += weight[:, ch, ki, kj] * v
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["grid", "gather"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_matches_naive_reference_with_large_offsets(sampler, stride):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 7, 9)).astype(np.float32)
+    ho, wo = (7 + 2 - 3) // stride + 1, (9 + 2 - 3) // stride + 1
+    # Offsets up to +-6 px push many taps fully or partly outside the 7x9 image.
+    offset = rng.uniform(-6, 6, size=(2, 18, ho, wo)).astype(np.float32)
+    mask = rng.uniform(0, 2, size=(2, 9, ho, wo)).astype(np.float32)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    ref = naive_dcn(x.astype(np.float64), offset.astype(np.float64), mask.astype(np.float64),
+                    weight.astype(np.float64), stride)
+    got = deform_conv2d(*(torch.from_numpy(a) for a in (x, offset, mask, weight)), None, (stride, stride), (1, 1),
+                        (1, 1), sampler).numpy()
+    assert got.shape == ref.shape
+    outside = ((offset[:, 0::2] + 3 < -1) | (offset[:, 0::2] - 3 > 7)).mean()
+    assert outside > 0.05, "the test must exercise samples outside the image"
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_zero_offsets_unit_mask_is_regular_conv():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(1, 5, 12, 10)).astype(np.float32))
+    w = torch.from_numpy(rng.normal(size=(6, 5, 3, 3)).astype(np.float32))
+    off, mask = torch.zeros(1, 18, 12, 10), torch.ones(1, 9, 12, 10)
+    ref = torch.nn.functional.conv2d(x, w, padding=1)
+    for sampler in ("grid", "gather"):
+        assert (deform_conv2d(x, off, mask, w, sampler=sampler) - ref).abs().max() < 1e-4
