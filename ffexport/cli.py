@@ -97,3 +97,107 @@ def detect(image, model, weights, artifact, conf, nms, json_out, draw_out):
     click.echo(f"{len(dets)} faces in {image} ({runner.describe()}, conf {conf}, nms {nms})", err=True)
     if not (json_out or draw_out):
         click.echo(json.dumps(result))
+
+
+def _default_out(model, suffix, tag=""):
+    return f"featherface_{model}{tag}{suffix}"
+
+
+size_option = click.option("--input-size", default="640x640", show_default=True, help="HxW, multiples of 32.")
+
+
+@main.command()
+@model_option
+@weights_option
+@size_option
+@click.option("--dcn", type=click.Choice(["grid", "gather"]), default="grid", show_default=True,
+              help="Deformable-conv decomposition.")
+@click.option("-o", "--output", default=None, help="Output .pt (default featherface_<model>.pt).")
+@user_errors
+def torchscript(model, weights, input_size, dcn, output):
+    """Export a traced, frozen TorchScript module."""
+    from .export_torchscript import export_torchscript
+    from .weights import load_model
+
+    size = parse_size(input_size)
+    export_torchscript(load_model(model, weights), model, output or _default_out(model, ".pt"), size, dcn)
+
+
+@main.command()
+@model_option
+@weights_option
+@size_option
+@click.option("--dynamic", is_flag=True, help="Dynamic batch/H/W (any multiple of 32).")
+@click.option("--opset", default=19, show_default=True, type=int)
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--dcn", type=click.Choice(["auto", "native", "grid", "gather"]), default="auto", show_default=True,
+              help="auto: ONNX DeformConv if onnxruntime runs it, else grid_sample decomposition.")
+@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None, help="Post-training quantization.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration images (WIDER FACE tree or any folder); default: WIDER FACE, see README.")
+@click.option("--calib-size", default=100, show_default=True, help="Number of calibration images.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight quantization granularity.")
+@click.option("-o", "--output", default=None, help="Output .onnx (default featherface_<model>[_int8].onnx).")
+@user_errors
+def onnx(model, weights, input_size, dynamic, opset, no_simplify, dcn, quantize, calib, calib_size, calib_method,
+         per_channel, output):
+    """Export to ONNX (simplified, with metadata), optionally quantized."""
+    from .export_onnx import export_onnx
+    from .weights import load_model
+
+    size = parse_size(input_size)
+    out = output or _default_out(model, ".onnx", f"_{quantize}" if quantize else "")
+    if quantize is None:
+        export_onnx(load_model(model, weights), model, out, size, dynamic, opset, dcn, not no_simplify)
+        return
+    from .quantize import quantize_onnx
+
+    quantize_onnx(load_model(model, weights), model, out, size, quantize, dynamic=dynamic, opset=opset, dcn=dcn,
+                  calib=calib, calib_size=calib_size, method=calib_method, per_channel=per_channel)
+
+
+def _images_in(folder, limit):
+    from .errors import FFExportError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FFExportError(f"image folder {folder} does not exist: pass --images DIR")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    if not files:
+        raise FFExportError(f"no .jpg/.png images under {folder}: pass --images DIR with images")
+    step = max(1, len(files) // limit)
+    return files[::step][:limit]
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--images", type=click.Path(), default=None,
+              help="Folder of real images (default: WIDER FACE evaluation images, calibration images excluded).")
+@click.option("--limit", default=16, show_default=True, help="At most this many images.")
+@weights_option
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON.")
+@click.option("--conf", default=0.5, show_default=True)
+@user_errors
+def parity(artifact, images, limit, weights, json_out, conf):
+    """Compare ARTIFACT with the PyTorch model on real images (exit 1 if beyond tolerance)."""
+    from .parity import compare
+    from .runtime import TorchRunner, load_runner
+    from .weights import load_model
+
+    runner = load_runner(artifact)
+    if runner.model not in ("v1", "v2"):
+        raise FFExportError(f"{artifact} carries no ffexport model metadata: re-export it with ffexport")
+    if images is None:
+        from .widerface import evaluation_images, find_widerface_root
+
+        files = evaluation_images(find_widerface_root(None), limit)
+    else:
+        files = _images_in(images, limit)
+    ref = TorchRunner(load_model(runner.model, weights), runner.model)
+    report = compare(ref, runner, files, conf=conf, precision=getattr(runner, "precision", "fp32"))
+    click.echo(report.summary())
+    if json_out:
+        write_json(json_out, report.to_json())
+    sys.exit(0 if report.ok else 1)

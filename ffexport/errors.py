@@ -6,3 +6,10 @@ class FFExportError(Exception):
     """
 
     exit_code = 2
+
+
+class RuntimeUnavailable(FFExportError):
+    """The artifact is fine but cannot run on this machine (e.g. Core ML off macOS): a distinct exit status,
+    so no caller mistakes 'not measured' for 'passed'."""
+
+    exit_code = 3

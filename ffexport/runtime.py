@@ -23,6 +23,7 @@ class Runner:
     multiple = None     # dynamic artifacts need H and W to be multiples of this
     model = None        # "v1"/"v2" when known
     path = None
+    precision = "fp32"  # fp32 | fp16 | int8: decides the parity tolerances
 
     def __call__(self, x: np.ndarray):
         raise NotImplementedError
@@ -62,7 +63,7 @@ class TorchScriptRunner(TorchRunner):
             raise FFExportError(f"{path} is not a loadable TorchScript file ({type(e).__name__}): "
                                 f"re-export it with 'ffexport torchscript'") from None
         meta = json.loads(extra["ffexport.json"] or "{}")
-        super().__init__(module, meta.get("model"), threads)
+        super().__init__(torch.jit.optimize_for_inference(module), meta.get("model"), threads)
         self.path = Path(path)
         size = meta.get("input_size")
         self.input_size = tuple(size) if size else None
@@ -87,6 +88,7 @@ class OnnxRunner(Runner):
         self.path = Path(path)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.model = meta.get("model")
+        self.precision = meta.get("quantization", "fp32")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         h, w = inp.shape[2:]

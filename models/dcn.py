@@ -73,24 +73,37 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(1,
     cols = (_sample_grid if sampler == "grid" else _sample_gather)(x, py, px)
     cols = cols * mask.unsqueeze(1)
     _, _, k, ho, wo = cols.shape
-    # Sampled columns are (C, K)-major, the same order as weight.view(O, C*K): a 1x1 conv finishes it.
-    return F.conv2d(cols.reshape(n, c * k, ho, wo), weight.reshape(o, c * k, 1, 1), bias)
+    # Sampled columns are (C, K)-major, the same order as weight.view(O, C*K): one MatMul finishes it.
+    # (MatMul rather than a 1x1 Conv: the exporter cannot type a Conv whose input came from a
+    # shape-computed Reshape.)
+    out = torch.matmul(weight.reshape(o, c * k), cols.reshape(n, c * k, ho * wo)).reshape(n, o, ho, wo)
+    return out if bias is None else out + bias.view(1, o, 1, 1)
 
 
-class _OnnxDeformConv(torch.autograd.Function):
-    """Computes the grid form in PyTorch, exports as one ONNX DeformConv node (legacy exporter)."""
+@torch.library.custom_op("ffexport::deform_conv2d", mutates_args=())
+def _native_op(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, stride: int,
+               pad: int) -> torch.Tensor:
+    """An opaque op so the ONNX exporter emits one DeformConv node; PyTorch computes the grid form."""
+    return deform_conv2d(x, offset, mask, weight, None, (stride, stride), (pad, pad), (1, 1), "grid")
 
-    @staticmethod
-    def forward(ctx, x, weight, offset, mask, stride, padding, dilation):
-        return deform_conv2d(x, offset, mask, weight, None, stride, padding, dilation, "grid")
 
-    @staticmethod
-    def symbolic(g, x, weight, offset, mask, stride, padding, dilation):
-        o, _, kh, kw = weight.type().sizes()
-        # DeformConv's bias is optional but positional before the mask: feed explicit zeros.
-        bias = g.op("Constant", value_t=torch.zeros(o))
-        return g.op("DeformConv", x, weight, offset, bias, mask, dilations_i=list(dilation), group_i=1, kernel_shape_i=[kh, kw], offset_group_i=1,
-                    pads_i=[padding[0], padding[1], padding[0], padding[1]], strides_i=list(stride))
+@_native_op.register_fake
+def _(x, weight, offset, mask, stride, pad):
+    return x.new_empty(x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+
+
+def _deformconv_symbolic(g, x, weight, offset, mask, stride, pad):
+    from torch.onnx import symbolic_helper as sh
+
+    stride, pad = sh._get_const(stride, "i", "stride"), sh._get_const(pad, "i", "pad")
+    o, _, kh, kw = weight.type().sizes()
+    # DeformConv's bias is optional but positional before the mask: feed explicit zeros.
+    bias = g.op("Constant", value_t=torch.zeros(o))
+    return g.op("DeformConv", x, weight, offset, bias, mask, kernel_shape_i=[kh, kw], pads_i=[pad] * 4,
+                strides_i=[stride] * 2, dilations_i=[1, 1], group_i=1, offset_group_i=1)
+
+
+torch.onnx.register_custom_op_symbolic("ffexport::deform_conv2d", _deformconv_symbolic, 19)
 
 
 class DeformableConv2d(nn.Module):
@@ -109,8 +122,8 @@ class DeformableConv2d(nn.Module):
             return self.regular_conv(x)
         offset = self.offset_conv(x)
         mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
-        if self.form == "native" and torch.onnx.is_in_onnx_export():
-            return _OnnxDeformConv.apply(x, self.regular_conv.weight, offset, mask, self.stride, self.padding, (1, 1))
+        if self.form == "native":
+            return _native_op(x, self.regular_conv.weight, offset, mask, self.stride[0], self.padding[0])
         sampler = "gather" if self.form == "gather" else "grid"
         return deform_conv2d(x, offset, mask, self.regular_conv.weight, None, self.stride, self.padding, (1, 1),
                              sampler)

@@ -44,7 +44,9 @@ class MobileNetV1(nn.Module):
 
 def _same_pad(x, k, s):
     """TF 'SAME' padding computed from the input size (the checkpoints were trained with it)."""
-    h, w = x.shape[-2:]
+    # Plain ints: mixing traced sizes with Python arithmetic would export a shape-dependent pad
+    # that is wrong at other sizes. As constants they hold for every input that is a multiple of 32.
+    h, w = (int(v) for v in x.shape[-2:])
     ph = max((math.ceil(h / s) - 1) * s + k - h, 0)
     pw = max((math.ceil(w / s) - 1) * s + k - w, 0)
     return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
@@ -91,6 +93,10 @@ def _fuse(w, *xs):
 
 
 def _resize_to(x, ref):
+    # An exact 2x upsample is expressed as a scale factor so exported graphs keep dynamic H/W
+    # (a size read from ref.shape is frozen by the tracer); odd native sizes need the explicit size.
+    if tuple(ref.shape[-2:]) == (2 * x.shape[-2], 2 * x.shape[-1]):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
 
 

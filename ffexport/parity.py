@@ -1,0 +1,158 @@
+"""Parity of an artifact against the PyTorch model: tensor level and detection level.
+
+Small pure functions (as onnxruntime's quantization debug tools): compare tensors, match detections,
+score them, then one driver that runs both over real images and checks documented tolerances.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runtime import OUTPUTS
+
+# Documented defaults (README "Parity"): what an artifact of each precision must meet.
+TOLERANCES = {
+    "fp32": {"max_abs": {"loc": 1e-3, "conf": 1e-4, "landmarks": 2e-3}, "matched": 1.0, "ap": 0.99},
+    "fp16": {"max_abs": {"loc": 3e-2, "conf": 5e-3, "landmarks": 5e-2}, "matched": 0.97, "ap": 0.97},
+    "int8": {"max_abs": {}, "matched": 0.90, "ap": 0.95},
+}
+
+
+def tensor_errors(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref, got = np.asarray(ref, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+    diff = np.abs(ref - got)
+    cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-12))
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cos}
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better), as onnxruntime's qdq debugger reports."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    noise = np.sum((ref - got) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
+
+
+def box_iou(a, b) -> np.ndarray:
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda r: np.prod(np.clip(r[:, 2:] - r[:, :2], 0, None), -1)
+    return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-12)
+
+
+def match(ref_boxes, boxes, scores=None, iou=0.5):
+    """One-to-one matching, detections taken by descending score (VOC style). Returns (pairs, tp flags)."""
+    order = np.argsort(-np.asarray(scores)) if scores is not None else np.arange(len(boxes))
+    ious = box_iou(boxes, ref_boxes) if len(boxes) and len(ref_boxes) else np.zeros((len(boxes), len(ref_boxes)))
+    taken, pairs, tp = set(), [], np.zeros(len(boxes), bool)
+    for i in order:
+        if not len(ref_boxes):
+            break
+        cand = [j for j in np.argsort(-ious[i]) if ious[i, j] >= iou and j not in taken]
+        if cand:
+            taken.add(cand[0])
+            pairs.append((i, cand[0]))
+            tp[i] = True
+    return pairs, tp
+
+
+def average_precision(tp_flags, scores, n_ref) -> float:
+    """VOC (all-point interpolated) AP of detections with TP flags against n_ref reference objects."""
+    if n_ref == 0:
+        return 1.0 if len(scores) == 0 else 0.0
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    tp = np.asarray(tp_flags, float)[order]
+    tpc, fpc = np.cumsum(tp), np.cumsum(1 - tp)
+    recall = tpc / n_ref
+    precision = tpc / np.maximum(tpc + fpc, 1e-12)
+    mrec = np.concatenate([[0], recall, [1]])
+    mpre = np.concatenate([[0], precision, [0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    precision: str
+    images: int = 0
+    tensors: dict = field(default_factory=dict)      # output -> {max_abs, mean_abs, cosine, sqnr_db}
+    detections: dict = field(default_factory=dict)   # matched, ref_count, count, score_delta_*, ap
+    tolerances: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self):
+        return not self.failures
+
+    def to_json(self):
+        return {"artifact": self.artifact, "precision": self.precision, "images": self.images,
+                "tensors": self.tensors, "detections": self.detections, "tolerances": self.tolerances,
+                "passed": self.ok, "failures": self.failures}
+
+    def summary(self) -> str:
+        lines = [f"parity of {self.artifact} ({self.precision}) vs PyTorch on {self.images} images"]
+        for k, t in self.tensors.items():
+            lines.append(f"  {k:<10} max|d| {t['max_abs']:.3g}  mean|d| {t['mean_abs']:.3g}  cos {t['cosine']:.6f}"
+                         f"  SQNR {t['sqnr_db']:.1f} dB")
+        d = self.detections
+        lines.append(f"  detections: {d['count']} vs {d['ref_count']} (PyTorch); matched {d['matched']:.1%} at IoU>=0.5;"
+                     f" score delta mean {d['score_delta_mean']:.2g} max {d['score_delta_max']:.2g};"
+                     f" AP vs PyTorch {d['ap']:.4f}")
+        lines.append("  PASS" if self.ok else "  FAIL: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
+def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", progress=True) -> ParityReport:
+    """Run both runners on the same inputs (the artifact's input size) and compare."""
+    from tqdm import tqdm
+
+    from models.postprocess import detect
+    from models.preprocess import prepare, read_image
+
+    report = ParityReport(str(getattr(runner, "path", runner.kind)), precision, tolerances=TOLERANCES[precision])
+    acc = {k: {"ref": [], "got": []} for k in OUTPUTS}
+    stats = {"max_abs": {k: 0.0 for k in OUTPUTS}, "sum_abs": {k: 0.0 for k in OUTPUTS}, "n": {k: 0 for k in OUTPUTS}}
+    ref_total, count, tp_all, scores_all, deltas = 0, 0, [], [], []
+    for path in tqdm(images, desc="parity", unit="img", disable=None if progress else True):
+        x, scale = prepare(read_image(path), runner.input_size, runner.multiple or 32)
+        ref_out, out = ref_runner(x), runner(x)
+        for k, r, g in zip(OUTPUTS, ref_out, out):
+            d = np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64))
+            stats["max_abs"][k] = max(stats["max_abs"][k], float(d.max()))
+            stats["sum_abs"][k] += float(d.sum())
+            stats["n"][k] += d.size
+            # Subsample for cosine/SQNR so memory stays flat over many images.
+            acc[k]["ref"].append(np.asarray(r).ravel()[::7])
+            acc[k]["got"].append(np.asarray(g).ravel()[::7])
+        dref = detect(*(o[0] for o in ref_out), x.shape[2:], scale, conf, nms)
+        dgot = detect(*(o[0] for o in out), x.shape[2:], scale, conf, nms)
+        pairs, tp = match(dref.boxes, dgot.boxes, dgot.scores)
+        ref_total += len(dref)
+        count += len(dgot)
+        tp_all.append(tp)
+        scores_all.append(dgot.scores)
+        deltas += [abs(float(dgot.scores[i] - dref.scores[j])) for i, j in pairs]
+    report.images = len(images)
+    for k in OUTPUTS:
+        ref, got = np.concatenate(acc[k]["ref"]), np.concatenate(acc[k]["got"])
+        t = tensor_errors(ref, got)
+        t["max_abs"] = stats["max_abs"][k]
+        t["mean_abs"] = stats["sum_abs"][k] / max(stats["n"][k], 1)
+        t["sqnr_db"] = sqnr_db(ref, got)
+        report.tensors[k] = t
+    tp, scores = np.concatenate(tp_all), np.concatenate(scores_all)
+    report.detections = {"ref_count": ref_total, "count": count, "matched": float(tp.sum() / max(ref_total, 1)),
+                         "score_delta_mean": float(np.mean(deltas)) if deltas else 0.0,
+                         "score_delta_max": float(np.max(deltas)) if deltas else 0.0,
+                         "ap": average_precision(tp, scores, ref_total)}
+    tol = TOLERANCES[precision]
+    for k, limit in tol["max_abs"].items():
+        if report.tensors[k]["max_abs"] > limit:
+            report.failures.append(f"{k} max abs error {report.tensors[k]['max_abs']:.3g} > {limit:g}")
+    if report.detections["matched"] < tol["matched"]:
+        report.failures.append(f"matched {report.detections['matched']:.1%} < {tol['matched']:.0%}")
+    if report.detections["ap"] < tol["ap"]:
+        report.failures.append(f"AP vs PyTorch {report.detections['ap']:.4f} < {tol['ap']}")
+    return report
