@@ -201,3 +201,129 @@ def parity(artifact, images, limit, weights, json_out, conf):
     if json_out:
         write_json(json_out, report.to_json())
     sys.exit(0 if report.ok else 1)
+
+
+@main.command(name="eval")
+@click.argument("artifact", type=click.Path(), required=False)
+@model_option
+@weights_option
+@click.option("--widerface", type=click.Path(), default=None,
+              help="WIDER FACE root (WIDER_val/images + ground_truth/*.mat); default $FFEXPORT_WIDERFACE.")
+@click.option("--limit", type=int, default=None, help="Evaluate at most N images (stratified), for a quick look.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--preds-dir", type=click.Path(), default=None, help="Also write per-image WIDER FACE txt predictions.")
+@user_errors
+def eval_(artifact, model, weights, widerface, limit, json_out, preds_dir):
+    """WIDER FACE Easy/Medium/Hard AP (official protocol) of ARTIFACT, or of the PyTorch model."""
+    import os
+
+    from .evaluate import evaluate_runner, format_result
+    from .runtime import load_runner
+
+    root = widerface or os.environ.get("FFEXPORT_WIDERFACE")
+    if not root:
+        raise FFExportError("no WIDER FACE folder: pass --widerface DIR or set FFEXPORT_WIDERFACE")
+    runner = load_runner(artifact, model, weights)
+    result = evaluate_runner(runner, root, limit, preds_dir)
+    click.echo(format_result(result))
+    if json_out:
+        write_json(json_out, result)
+
+
+def _split(value, parse=str):
+    return [parse(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
+@main.command()
+@click.option("--target", "targets", default="torch,onnxruntime,onnxruntime-int8", show_default=True,
+              help="Comma-separated targets (see README), or 'all'.")
+@click.option("--model", "models", default="v1,v2", show_default=True)
+@click.option("--input-size", "sizes", default="640x640", show_default=True, help="Comma-separated HxW.")
+@click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts.")
+@click.option("--runs", default=100, show_default=True)
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--remote", default=None, help="onnxruntime-arm: user@host[:port] of an ARM board reachable by ssh.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--plot", "plot_out", type=click.Path(), default=None, help="PNG of latency per target, V1 vs V2.")
+@user_errors
+def bench(targets, models, sizes, threads, runs, warmup, remote, json_out, plot_out):
+    """Latency per target, V1 and V2 interleaved, with the V2/V1 ratio and a verdict on the '2x' claim."""
+    import os
+
+    from . import bench as B
+    from .targets import TARGETS
+
+    names = list(TARGETS) if targets == "all" else _split(targets)
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        raise FFExportError(f"unsupported target {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
+    models = _split(models)
+    if not models or any(m not in ("v1", "v2") for m in models):
+        raise FFExportError(f"--model takes v1, v2 or v1,v2 (got {','.join(models)})")
+    if runs < 1 or warmup < 0:
+        raise FFExportError("--runs must be >= 1 and --warmup >= 0")
+    size_list = [parse_size(s) for s in _split(sizes)]
+    thread_list = _split(threads, int)
+    if remote:
+        os.environ["FFEXPORT_ARM_REMOTE"] = remote
+    result = B.bench(names, models, size_list, thread_list, runs, warmup,
+                     progress=lambda m: click.echo(m, err=True))
+    click.echo(B.table(result))
+    click.echo("\n" + B.verdict(result))
+    result["ratios"], result["verdict"] = B.ratios(result), B.verdict(result)
+    if json_out:
+        write_json(json_out, result)
+    if plot_out:
+        B.plot(result, plot_out)
+
+
+@main.command()
+@model_option
+@weights_option
+@size_option
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8 weights (per-channel linear).")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration images (activation quantization, macOS).")
+@click.option("--calib-size", default=100, show_default=True)
+@click.option("--input-type", type=click.Choice(["image", "tensor"]), default="image", show_default=True)
+@click.option("--dcn", type=click.Choice(["grid", "gather", "plain"]), default="grid", show_default=True,
+              help="plain = regular conv without offsets: an approximation, see README for its AP cost.")
+@click.option("-o", "--output", default=None, help="Output .mlpackage (default featherface_<model>.mlpackage).")
+@user_errors
+def coreml(model, weights, input_size, precision, quantize, calib, calib_size, input_type, dcn, output):
+    """Export a Core ML ML Program (iOS 16+/macOS 13+)."""
+    from .export_coreml import export_coreml
+    from .weights import load_model
+
+    if dcn == "plain":
+        _warn_plain()
+    export_coreml(load_model(model, weights), model, output or _default_out(model, ".mlpackage"),
+                  parse_size(input_size), precision, quantize, calib, calib_size, input_type, dcn)
+
+
+@main.command()
+@model_option
+@weights_option
+@size_option
+@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None)
+@click.option("--calib", type=click.Path(), default=None)
+@click.option("--calib-size", default=100, show_default=True)
+@click.option("--dcn", type=click.Choice(["grid", "gather", "plain"]), default="grid", show_default=True,
+              help="plain = regular conv without offsets: an approximation, see README for its AP cost.")
+@click.option("-o", "--output", default=None, help="Output .tflite (default featherface_<model>[_int8].tflite).")
+@user_errors
+def tflite(model, weights, input_size, quantize, calib, calib_size, dcn, output):
+    """Export a TFLite flatbuffer (fp32, fp16 weights or full-integer int8)."""
+    from .export_tflite import export_tflite
+    from .weights import load_model
+
+    if dcn == "plain":
+        _warn_plain()
+    out = output or _default_out(model, ".tflite", f"_{quantize}" if quantize else "")
+    export_tflite(load_model(model, weights), model, out, parse_size(input_size), quantize, calib, calib_size, dcn)
+
+
+def _warn_plain():
+    from .plain_cost import PLAIN_DCN_COST
+
+    click.echo(f"warning: --dcn plain drops the deformable offsets: {PLAIN_DCN_COST}", err=True)

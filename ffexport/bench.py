@@ -1,0 +1,240 @@
+"""`ffexport bench`: per-target latency of V1 and V2, interleaved, each (target, size, threads) in its
+own worker process so thread pinning, peak RSS and crashes stay local to it.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import numpy as np
+
+from .targets import TARGETS
+
+CLAIM = "V2 is 2x faster than V1 on mobile"
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    flags = ""
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "os": platform.platform(),
+            "python": platform.python_version(), "avx512_vnni": "avx512_vnni" in flags,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("ffexport", "torch", "numpy", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "tflite-runtime",
+                "litert-torch", "onnx2tf", "tensorflow", "coremltools", "executorch"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _stats(times):
+    t = np.asarray(times)
+    return {"median_ms": round(float(np.median(t)), 3), "p90_ms": round(float(np.percentile(t, 90)), 3),
+            "min_ms": round(float(t.min()), 3)}
+
+
+def _peak_rss_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def worker(job: dict) -> list[dict]:
+    """Measure one (target, size, threads) for all models, interleaving their timed runs."""
+    import torch
+
+    target, size, threads = TARGETS[job["target"]], tuple(job["size"]), job["threads"]
+    torch.set_num_threads(threads)
+    models = ["blazeface"] if target.peer else job["models"]
+    rng = np.random.default_rng(0)
+    runners, rows, notes = {}, [], {}
+    for m in models:
+        path = target.build(m, size) if not target.peer else None
+        runner = target.runner(path, m, threads)
+        hw = runner.input_size or size
+        x = rng.integers(0, 255, (1, 3, *hw)).astype(np.float32) - np.array([104, 117, 123], np.float32)[:, None, None]
+        if target.peer:
+            x = runner.prepare_random(rng) if hasattr(runner, "prepare_random") else x
+        runners[m] = (path, runner, x)
+    if target.measure:  # timed elsewhere (a device or emulator): one model after the other
+        for m, (path, runner, x) in runners.items():
+            times, rss, note = target.measure(path, m, x, threads, job["runs"], job["warmup"])
+            rows.append({"model": m, **_stats(times), "peak_rss_mb": rss, "note": note, "runs": len(times)})
+        return rows
+    for m, (_, runner, x) in runners.items():
+        for _ in range(job["warmup"]):
+            runner(x)
+    times = {m: [] for m in runners}
+    for _ in range(job["runs"]):
+        for m, (_, runner, x) in runners.items():
+            t0 = time.perf_counter()
+            runner(x)
+            times[m].append((time.perf_counter() - t0) * 1000)
+    rss = _peak_rss_mb()
+    for m, (_, runner, _) in runners.items():
+        size_str = "x".join(map(str, runner.input_size)) if target.peer else None
+        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": job["runs"],
+                     "note": (f"peer detector at its own input {size_str}" if target.peer else
+                              "interleaved with the other model in one process; RSS covers both")})
+    return rows
+
+
+def run_job(job, timeout=1800) -> list[dict]:
+    base = {"target": job["target"], "input_size": "x".join(map(str, job["size"])), "threads": job["threads"]}
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ffexport.bench", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return [{**base, "model": m, "status": "failed", "note": f"timed out after {timeout}s"} for m in job["models"]]
+    if proc.returncode != 0:
+        err = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+        why = err[-1][:300] if err else f"exit status {proc.returncode}"
+        return [{**base, "model": m, "status": "failed", "note": why} for m in job["models"]]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [{**base, **r, "status": "ok"} for r in rows]
+
+
+def bench(targets, models, sizes, threads, runs=100, warmup=10, progress=print) -> dict:
+    rows = []
+    for name in targets:
+        target = TARGETS[name]
+        reason = target.skip()
+        for size in sizes:
+            for th in threads:
+                if reason:
+                    for m in (["blazeface"] if target.peer else models):
+                        rows.append({"target": name, "model": m, "input_size": "x".join(map(str, size)),
+                                     "threads": th, "status": "skipped", "note": reason})
+                    continue
+                if target.peer and size != sizes[0]:
+                    continue  # a peer has one input size of its own
+                n_runs, n_warm = (min(runs, 5), min(warmup, 1)) if target.measure and reason is None and \
+                    "emulat" in _arm_mode() else (runs, warmup)
+                progress(f"bench: {name} {size[0]}x{size[1]} threads={th} ({n_runs} runs x {len(models)} models)...")
+                t0 = time.time()
+                new = run_job({"target": name, "models": models, "size": list(size), "threads": th,
+                               "runs": n_runs, "warmup": n_warm})
+                for r in new:
+                    progress(f"  {r['model']}: " + (f"median {r['median_ms']:.1f} ms" if r["status"] == "ok"
+                                                    else f"{r['status']}: {r['note']}"))
+                progress(f"  ({time.time() - t0:.0f} s)")
+                rows += new
+    return {"machine": machine_info(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def _arm_mode():
+    if platform.machine() in ("aarch64", "arm64"):
+        return "native"
+    return "ssh" if os.environ.get("FFEXPORT_ARM_REMOTE") else "emulated"
+
+
+def ratios(result) -> list[dict]:
+    """V2/V1 median latency ratio per (target, size, threads) where both ran."""
+    ok = {(r["target"], r["input_size"], r["threads"], r["model"]): r for r in result["rows"] if r["status"] == "ok"}
+    out = []
+    for (t, s, th, m), r in ok.items():
+        if m == "v2" and (t, s, th, "v1") in ok:
+            out.append({"target": t, "input_size": s, "threads": th,
+                        "ratio": round(r["median_ms"] / ok[(t, s, th, "v1")]["median_ms"], 3)})
+    return out
+
+
+def verdict(result) -> str:
+    rs = [r["ratio"] for r in ratios(result)]
+    if not rs:
+        return f'Claim "{CLAIM}": not measured (no target ran both models).'
+    lo, hi, med = min(rs), max(rs), float(np.median(rs))
+    speedup = 1 / med
+    if med <= 0.55:
+        word = "SUPPORTED"
+    else:
+        word = "NOT SUPPORTED"
+    return (f'Claim "{CLAIM}": {word}. Measured V2/V1 latency ratio {lo:.2f}-{hi:.2f} over {len(rs)} '
+            f"target/size/thread combinations (median {med:.2f}, i.e. V2 is {speedup:.2f}x the speed of V1). "
+            f"V2 adds three coordinate-attention blocks (+0.03% FLOPs) to V1, so no speed-up is expected.")
+
+
+def table(result) -> str:
+    lines = ["| target | input | threads | V1 median ms | V2 median ms | V2/V1 | p90 V1/V2 | min V1/V2 | peak RSS MB | status / note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in result["rows"]:
+        groups.setdefault((r["target"], r["input_size"], r["threads"]), {})[r["model"]] = r
+    ratio = {(r["target"], r["input_size"], r["threads"]): r["ratio"] for r in ratios(result)}
+    for key, by_model in groups.items():
+        t, s, th = key
+        any_row = next(iter(by_model.values()))
+        if any_row["status"] != "ok":
+            lines.append(f"| {t} | {s} | {th} | | | | | | | {any_row['status']}: {any_row['note']} |")
+            continue
+        if "blazeface" in by_model:
+            b = by_model["blazeface"]
+            lines.append(f"| {t} (peer) | {b['note'].split()[-1]} | {th} | {b['median_ms']:.2f} (BlazeFace) | | | "
+                         f"{b['p90_ms']:.2f} | {b['min_ms']:.2f} | {b['peak_rss_mb']} | reference detector |")
+            continue
+        v1, v2 = by_model.get("v1", {}), by_model.get("v2", {})
+        fmt = lambda r, k: f"{r[k]:.1f}" if r.get("status") == "ok" else "-"
+        lines.append(f"| {t} | {s} | {th} | {fmt(v1, 'median_ms')} | {fmt(v2, 'median_ms')} | "
+                     f"{ratio.get(key, '-')} | {fmt(v1, 'p90_ms')}/{fmt(v2, 'p90_ms')} | "
+                     f"{fmt(v1, 'min_ms')}/{fmt(v2, 'min_ms')} | {v2.get('peak_rss_mb', '-')} | "
+                     f"{v2.get('note', '') if 'emulated' in v2.get('note', '') or 'arm' in t else 'ok'} |")
+    return "\n".join(lines)
+
+
+def plot(result, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cache import atomic_output
+
+    ok = [r for r in result["rows"] if r["status"] == "ok" and r["model"] in ("v1", "v2")
+          and "emulated" not in r.get("note", "")]
+    combos = sorted({(r["input_size"], r["threads"]) for r in ok}, key=lambda c: (-int(c[0].split("x")[0]), c[1]))
+    targets = list(dict.fromkeys(r["target"] for r in ok))
+    fig, axes = plt.subplots(1, max(1, len(combos)), figsize=(4.5 * max(1, len(combos)), 4.2), squeeze=False)
+    for ax, (size, th) in zip(axes[0], combos):
+        for k, (model, color) in enumerate((("v1", "#4c72b0"), ("v2", "#dd8452"))):
+            vals = [next((r["median_ms"] for r in ok if (r["target"], r["input_size"], r["threads"], r["model"]) ==
+                          (t, size, th, model)), np.nan) for t in targets]
+            ax.barh(np.arange(len(targets)) + (k - 0.5) * 0.38, vals, 0.38, color=color, label=model.upper())
+        ax.set_yticks(np.arange(len(targets)), targets)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("median latency, ms (log)")
+        ax.set_title(f"{size}, {th} thread{'s' if th > 1 else ''}")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"FeatherFace V1 vs V2 latency — {result['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))
