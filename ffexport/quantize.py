@@ -2,8 +2,9 @@
 
 Which nodes run in int8 is decided in two steps, and every node kept in float is logged with why:
 1. Op support, declared per op type (SUPPORT): only compute-bound ops with int8 kernels are candidates.
-2. Measurement: each candidate's output is fake-quantized with its calibrated uint8 range on the
-   calibration set; a node whose output loses too much signal (SQNR below a floor) stays float.
+2. Measurement, in rounds: quantize every candidate, run float and int8 side by side on calibration
+   images, find the nodes where the signal is lost (SQNR in minus SQNR out), keep the worst in float,
+   and repeat until the outputs reach a target SQNR.
 """
 import sys
 import tempfile
@@ -69,56 +70,77 @@ def collect_activations(model_path, batches, tensor_names) -> dict[str, list[np.
     return out
 
 
-def fake_quant_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Asymmetric uint8 quantize-dequantize with the range [lo, hi] (extended to hold 0, as onnxruntime does)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    zero = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
-
-
 def sqnr_db(ref, got) -> float:
     noise = float(np.sum((np.asarray(ref, np.float64) - got) ** 2))
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(np.asarray(ref, np.float64) ** 2) / noise))
 
 
-def activation_sqnr(acts: dict[str, list[np.ndarray]]) -> dict[str, float]:
-    """SQNR (dB) of quantizing each tensor to uint8 with its min-max calibrated range."""
-    result = {}
-    for name, values in acts.items():
-        lo = min(float(v.min()) for v in values)
-        hi = max(float(v.max()) for v in values)
-        result[name] = min(sqnr_db(v, fake_quant_uint8(v, lo, hi)) for v in values)
-    return result
-
-
 @dataclass
 class Plan:
-    int8: list            # node names to quantize
-    floats: dict          # node name -> why it stays float
-    sqnr: dict            # node name -> measured activation SQNR (dB)
+    int8: list                      # node names to quantize
+    floats: dict                    # node name -> why it stays float
+    rounds: list                    # per round: {"int8": n, "conf_sqnr_db": x, "loc_sqnr_db": y}
 
 
-def plan_int8(model_path, batches, sqnr_floor=30.0) -> Plan:
+def candidates(graph):
+    """Nodes the op-support table allows in int8; the rest stay float with their op's reason."""
+    floats = {n.name: f"{n.op_type}: {support(n.op_type).why}" for n in graph.node if not support(n.op_type).int8}
+    return [n for n in graph.node if support(n.op_type).int8], floats
+
+
+EXACT_DB = 60.0  # SQNR assigned to a tensor that is exact in both runs (a graph input, float-only inputs)
+
+
+def node_losses(float_acts, quant_acts, nodes) -> dict[str, float]:
+    """dB of SQNR lost at each node when int8: SQNR of its input minus SQNR of its output.
+
+    The relative noise growth at a node, measured from one float run and one QDQ run. It ranks the
+    early, high-resolution layers first: their noise is carried through the whole network, and
+    excluding them moved detections the most in ablations (see benchmarks/RESULTS.md).
+    """
+    def db(name):
+        if name not in float_acts:
+            return EXACT_DB
+        return min(EXACT_DB, min(sqnr_db(a, b) for a, b in zip(float_acts[name], quant_acts[name])))
+
+    return {n.name: db(n.input[0]) - db(n.output[0]) for n in nodes}
+
+
+def output_sqnr(float_outs, quant_outs):
+    """(conf, loc) SQNR in dB; loc only on anchors that matter (PyTorch face score > 0.1)."""
+    conf = min(sqnr_db(a[1], b[1]) for a, b in zip(float_outs, quant_outs))
+    loc = []
+    for a, b in zip(float_outs, quant_outs):
+        keep = a[1][..., 1] > 0.1
+        loc.append(sqnr_db(a[0][keep], b[0][keep]) if keep.any() else float("inf"))
+    return conf, min(loc)
+
+
+def plan_int8(pre_path, batch, quantize, target_db=45.0, max_rounds=4, step=6) -> Plan:
+    """Quantize, measure where the signal is lost, keep the worst nodes in float, repeat until the
+    calibration-set outputs reach `target_db` (conf SQNR) or `max_rounds` is spent."""
     import onnx
 
-    graph = onnx.load(str(model_path)).graph
-    candidates = [n for n in graph.node if support(n.op_type).int8]
-    acts = collect_activations(model_path, batches, [n.output[0] for n in candidates])
-    measured = activation_sqnr(acts)
-    plan = Plan([], {}, {})
-    for node in graph.node:
-        s = support(node.op_type)
-        if not s.int8:
-            plan.floats[node.name] = f"{node.op_type}: {s.why}"
-            continue
-        db = measured[node.output[0]]
-        plan.sqnr[node.name] = db
-        if db < sqnr_floor:
-            plan.floats[node.name] = (f"{node.op_type}: output SQNR {db:.1f} dB < {sqnr_floor:g} dB when quantized "
-                                      f"to uint8 (activation range too wide for one scale)")
-        else:
-            plan.int8.append(node.name)
+    graph = onnx.load(str(pre_path)).graph
+    nodes, floats = candidates(graph)
+    watch = [t for n in nodes for t in (n.input[0], n.output[0])] + ["loc", "conf"]
+    ref = collect_activations(pre_path, batch, list(dict.fromkeys(watch)))
+    ref_outs = list(zip(ref["loc"], ref["conf"]))
+    plan = Plan([n.name for n in nodes], floats, [])
+    for r in range(max_rounds + 1):
+        qpath = quantize(plan.int8)
+        got = collect_activations(qpath, batch, list(dict.fromkeys(watch)))
+        conf_db, loc_db = output_sqnr(ref_outs, list(zip(got["loc"], got["conf"])))
+        plan.rounds.append({"int8": len(plan.int8), "conf_sqnr_db": round(conf_db, 1), "loc_sqnr_db": round(loc_db, 1)})
+        log(f"  round {r}: {len(plan.int8)} int8 nodes -> conf SQNR {conf_db:.1f} dB, loc SQNR {loc_db:.1f} dB "
+            f"(target conf >= {target_db:g} dB)")
+        if conf_db >= target_db or r == max_rounds:
+            return plan
+        losses = node_losses(ref, got, [n for n in nodes if n.name in plan.int8])
+        for name, lost in sorted(losses.items(), key=lambda kv: -kv[1])[:step]:
+            plan.int8.remove(name)
+            plan.floats[name] = (f"Conv: int8 loses {lost:.1f} dB of SQNR here, among the worst {step} in round {r} "
+                                 f"while outputs were {conf_db:.1f} dB < {target_db:g} dB (calibration images)")
     return plan
 
 
@@ -160,7 +182,7 @@ class _Reader:
 
 
 def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False, opset=19, dcn="auto", calib=None,
-                  calib_size=100, method="minmax", per_channel=True, sqnr_floor=30.0):
+                  calib_size=100, method="percentile", per_channel=True, target_db=45.0):
     """Export `model` to ONNX and quantize it; writes `out` atomically."""
     import onnx
 
@@ -175,7 +197,7 @@ def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False,
         if mode == "fp16":
             quantized, extra = _fp16(fp32, Path(tmpdir))
         else:
-            quantized, extra = _int8(fp32, Path(tmpdir), size, calib, calib_size, method, per_channel, sqnr_floor)
+            quantized, extra = _int8(fp32, Path(tmpdir), size, calib, calib_size, method, per_channel, target_db)
         q = onnx.load(str(quantized))
         set_metadata(q, {**meta, "quantization": mode, **extra})
         with atomic_output(out) as tmp:
@@ -183,7 +205,7 @@ def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False,
     log(f"wrote {out} ({mode}, {Path(out).stat().st_size / 1e6:.2f} MB)")
 
 
-def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, sqnr_floor):
+def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -191,20 +213,30 @@ def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, sqnr_floor
     pre = tmpdir / "pre.onnx"
     # Pre-processing folds BatchNorm into convs and fuses, so int8 convs are not split by float islands.
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    plan = plan_int8(pre, batch[: min(len(batch), 16)], sqnr_floor)
-    report_plan(plan)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     out = tmpdir / "int8.onnx"
-    log(f"calibrating on {len(batch)} images ({method}, {'per-channel' if per_channel else 'per-tensor'} weights)...")
-    quantize_static(str(pre), str(out), _Reader(batch), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    # This CPU has VNNI, so the full uint8 range is safe (no reduce_range).
-                    reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=plan.int8, calibrate_method=methods[method],
-                    extra_options={"CalibMovingAverage": False})
+
+    cache = tmpdir / "calibration.json"
+
+    def quantize(nodes):
+        # Calibrated once (first round quantizes every candidate), reused from the cache afterwards.
+        quantize_static(str(pre), str(out), _Reader(batch), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        # This CPU has VNNI, so the full uint8 range is safe (no reduce_range).
+                        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes, calibrate_method=methods[method],
+                        calibration_cache_path=cache, extra_options={"CalibMovingAverage": False})
+        return out
+
+    log(f"calibrating on {len(batch)} images ({method}, {'per-channel' if per_channel else 'per-tensor'} weights); "
+        f"measuring int8 error per node...")
+    # Error is measured on a few calibration images (never evaluation images).
+    plan = plan_int8(pre, batch[: min(len(batch), 8)], quantize, target_db)
+    report_plan(plan)
     extra = {"calibration": f"{len(batch)} images from {Path(root).name}, {method}, "
                             f"{'per-channel' if per_channel else 'per-tensor'}",
-             "float_nodes": str(len(plan.floats)), "int8_nodes": str(len(plan.int8))}
+             "float_nodes": str(len(plan.floats)), "int8_nodes": str(len(plan.int8)),
+             "int8_rounds": str(plan.rounds)}
     return out, extra
 
 

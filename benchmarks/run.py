@@ -1,0 +1,137 @@
+"""Produce the recorded results in benchmarks/: accuracy (WIDER FACE subset), parity, int8 study,
+artifact sizes and latency. Each section writes its own JSON; RESULTS.md is rendered from them.
+
+    python benchmarks/run.py                       # everything (~1 h on 2 cores)
+    python benchmarks/run.py --only accuracy,bench # some sections
+    python benchmarks/run.py --render              # re-render RESULTS.md from the saved JSON
+
+Needs FFEXPORT_WEIGHTS_DIR and FFEXPORT_WIDERFACE (as .ci/run sets them).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ART = HERE / "artifacts"  # exported files (git-ignored); sizes are recorded in sizes.json
+
+
+def ffexport(*args, check=True):
+    cmd = [sys.executable, "-m", "ffexport", *map(str, args)]
+    print("$ ffexport " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return proc
+
+
+def save(name, obj):
+    (HERE / f"{name}.json").write_text(json.dumps(obj, indent=1))
+
+
+def load(name):
+    p = HERE / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def evaluate(artifact=None, model=None, tag=""):
+    out = ART / f"eval-{tag}.json"
+    args = ["eval"] + ([artifact] if artifact else ["--model", model]) + ["--json", out]
+    ffexport(*args)
+    return json.loads(out.read_text())
+
+
+def section_accuracy():
+    """V1/V2 Easy/Medium/Hard: PyTorch vs ONNX fp32 (dynamic, native resolution) vs ONNX int8 (640)."""
+    res = {}
+    for m in ("v1", "v2"):
+        ffexport("onnx", "--model", m, "--dynamic", "-o", ART / f"{m}_dynamic.onnx")
+        res[f"{m}/pytorch"] = evaluate(model=m, tag=f"{m}-pytorch")
+        res[f"{m}/onnx-fp32"] = evaluate(ART / f"{m}_dynamic.onnx", tag=f"{m}-onnx")
+        ffexport("onnx", "--model", m, "-o", ART / f"{m}_640.onnx")
+        res[f"{m}/onnx-fp32-640"] = evaluate(ART / f"{m}_640.onnx", tag=f"{m}-onnx640")
+        ffexport("onnx", "--model", m, "--quantize", "int8", "-o", ART / f"{m}_int8.onnx")
+        res[f"{m}/onnx-int8-640"] = evaluate(ART / f"{m}_int8.onnx", tag=f"{m}-int8")
+    save("accuracy", res)
+
+
+def section_int8_table():
+    """Calibration method x per-channel x calibration size -> AP (640 letterbox) and latency."""
+    rows = []
+    for method in ("minmax", "percentile"):
+        for per_channel in ("--per-channel", "--per-tensor"):
+            for size in (32, 100):
+                out = ART / f"v2_int8_{method}_{per_channel[2:]}_{size}.onnx"
+                t0 = time.time()
+                proc = ffexport("onnx", "--model", "v2", "--quantize", "int8", "--calib-method", method, per_channel,
+                                "--calib-size", size, "-o", out, check=False)
+                if proc.returncode != 0:
+                    rows.append({"method": method, "weights": per_channel[2:], "calib_images": size,
+                                 "status": "failed"})
+                    continue
+                seconds = time.time() - t0
+                r = evaluate(out, tag=out.stem)
+                lat = json.loads(ffexport_bench_file(out))
+                rows.append({"method": method, "weights": per_channel[2:], "calib_images": size,
+                             "quantize_s": round(seconds, 1), "easy": r["easy"], "medium": r["medium"],
+                             "hard": r["hard"], **lat})
+    save("int8_table", rows)
+
+
+def ffexport_bench_file(path, runs=50):
+    """Median latency (1 and 2 threads) of one ONNX file, in a fresh process."""
+    code = f"""
+import json, time, numpy as np, onnxruntime as ort
+out = {{}}
+for th in (1, 2):
+    o = ort.SessionOptions(); o.intra_op_num_threads = th; o.inter_op_num_threads = 1
+    s = ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).integers(0, 255, (1, 3, 640, 640)).astype(np.float32) - 117
+    for _ in range(10): s.run(None, {{'input': x}})
+    t = []
+    for _ in range({runs}):
+        a = time.perf_counter(); s.run(None, {{'input': x}}); t.append((time.perf_counter() - a) * 1000)
+    out[f'median_ms_{{th}}t'] = round(float(np.median(t)), 2)
+print(json.dumps(out))
+"""
+    return subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True).stdout
+
+
+def section_bench():
+    targets = "torch,torchscript,onnxruntime,onnxruntime-int8,tflite,tflite-int8,coreml,executorch,blazeface"
+    ffexport("bench", "--target", targets, "--model", "v1,v2", "--input-size", "640x640,320x320",
+             "--threads", "1,2", "--runs", "100", "--warmup", "10", "--json", HERE / "bench.json",
+             "--plot", HERE / "latency.png")
+    ffexport("bench", "--target", "onnxruntime-arm,onnxruntime-arm-int8", "--model", "v1,v2", "--input-size",
+             "640x640,320x320", "--threads", "1,2", "--runs", "5", "--warmup", "1", "--json", HERE / "bench_arm.json")
+
+
+def section_sizes():
+    sizes = {}
+    for f in sorted(ART.glob("*")):
+        if f.suffix in (".onnx", ".pt", ".tflite") or f.suffix == ".mlpackage":
+            n = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
+            sizes[f.name] = round(n / 1e6, 3)
+    save("sizes", sizes)
+
+
+SECTIONS = {"accuracy": section_accuracy, "int8_table": section_int8_table, "bench": section_bench,
+            "sizes": section_sizes}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    ART.mkdir(exist_ok=True)
+    if not args.render:
+        for name in args.only.split(","):
+            SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()
