@@ -1,0 +1,128 @@
+"""TorchScript and ONNX exports against PyTorch on real images, every DCN form, static and dynamic."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import IMAGES
+from ffexport.export_onnx import export_onnx, native_deformconv_supported
+from ffexport.export_torchscript import export_torchscript
+from ffexport.parity import TOLERANCES, compare
+from ffexport.runtime import OnnxRunner, TorchRunner, TorchScriptRunner, load_runner
+from helpers import assert_one_line_error, run_cli
+
+REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, v2_model):
+    d = tmp_path_factory.mktemp("exports")
+    export_onnx(v2_model, "v2", d / "native.onnx")
+    export_onnx(v2_model, "v2", d / "dynamic.onnx", dynamic=True)
+    export_torchscript(v2_model, "v2", d / "v2.pt")
+    return d
+
+
+def test_onnxruntime_runs_standard_deformconv():
+    assert native_deformconv_supported()
+
+
+def test_onnx_graph_is_standard_simplified_and_described(exports):
+    proto = onnx.load(str(exports / "native.onnx"))
+    onnx.checker.check_model(proto)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    ops = {n.op_type for n in proto.graph.node}
+    assert "DeformConv" in ops and "GridSample" not in ops
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["loc", "conf", "landmarks"]
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 640, 640]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["model"] == "v2" and meta["input_size"] == "640x640" and meta["dcn"] == "native"
+    assert meta["checkpoint_sha256"].startswith("0460e457") and json.loads(meta["mean_bgr"]) == [104, 117, 123]
+    assert json.loads(meta["priors"])["steps"] == [8, 16, 32]
+    assert len(proto.graph.node) < 400  # simplified (the raw trace has ~1000 nodes)
+
+
+@pytest.mark.parametrize("name", ["native.onnx", "v2.pt"])
+def test_fp32_artifact_matches_pytorch_on_real_images(exports, v2_model, name):
+    runner = load_runner(exports / name)
+    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    tol = TOLERANCES["fp32"]["max_abs"]
+    assert report.tensors["conf"]["max_abs"] <= 1e-4 == tol["conf"]
+    assert report.tensors["loc"]["max_abs"] <= 1e-3 == tol["loc"]
+    assert report.detections["matched"] == 1.0 and report.detections["ref_count"] > 100
+    assert report.ok, report.failures
+
+
+@pytest.mark.parametrize("hw,batch", [((480, 640), 1), ((320, 384), 2)])
+def test_dynamic_export_at_other_sizes(exports, v2_model, hw, batch):
+    from models.preprocess import letterbox, read_image, to_tensor
+
+    runner = OnnxRunner(exports / "dynamic.onnx")
+    assert runner.input_size is None and runner.multiple == 32
+    x = np.concatenate([to_tensor(letterbox(read_image(p), hw)[0]) for p in REAL[:batch]])
+    ref, got = TorchRunner(v2_model)(x), runner(x)
+    assert got[0].shape == ref[0].shape == (batch, ref[0].shape[1], 4)
+    assert np.abs(got[1] - ref[1]).max() <= 1e-4
+    assert np.abs(got[0] - ref[0]).max() <= 1e-3
+
+
+@pytest.mark.parametrize("form", ["grid", "gather"])
+def test_decomposed_dcn_forms_match_pytorch(tmp_path, v2_model, form):
+    export_onnx(v2_model, "v2", tmp_path / f"{form}.onnx", input_size=(320, 320), dcn=form)
+    proto = onnx.load(str(tmp_path / f"{form}.onnx"))
+    assert "DeformConv" not in {n.op_type for n in proto.graph.node}
+    report = compare(TorchRunner(v2_model, "v2"), OnnxRunner(tmp_path / f"{form}.onnx"), REAL[:3], progress=False)
+    assert report.tensors["conf"]["max_abs"] <= 1e-4 and report.detections["matched"] == 1.0
+
+
+def test_torchscript_loads_with_plain_torch_jit(exports):
+    import torch
+
+    m = torch.jit.load(str(exports / "v2.pt"))
+    loc, conf, landm = m(torch.zeros(1, 3, 640, 640))
+    assert conf.shape == (1, 16800, 2)
+    assert TorchScriptRunner(exports / "v2.pt").input_size == (640, 640)
+
+
+def test_detect_runs_an_exported_artifact(exports, tmp_path):
+    """The dynamic export sees the 700x405 image padded to 704x416 (multiples of 32), PyTorch sees it
+    unpadded: the same faces, up to a few borderline ones."""
+    from ffexport.parity import match
+
+    out = tmp_path / "d.json"
+    r = run_cli("detect", IMAGES / "crowd.jpg", "--artifact", exports / "dynamic.onnx", "--json", out)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())["detections"]
+    ref = json.loads(run_cli("detect", IMAGES / "crowd.jpg", "--model", "v2").stdout)["detections"]
+    assert abs(len(got) - len(ref)) <= 0.05 * len(ref)
+    _, tp = match(np.array([d["box"] for d in ref]), np.array([d["box"] for d in got]))
+    assert tp.sum() >= 0.95 * len(ref)
+
+
+def test_parity_cli_passes_and_writes_report(exports, tmp_path):
+    r = run_cli("parity", exports / "native.onnx", "--images", IMAGES, "--json", tmp_path / "p.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["passed"] and report["detections"]["matched"] == 1.0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["onnx", "--opset", "12"], "unsupported --opset 12"),
+    (["onnx", "--input-size", "640x630"], "multiples of 32"),
+    (["onnx", "--input-size", "big"], "is not HxW"),
+    (["onnx", "--opset", "17", "--dcn", "native"], "needs opset >= 19"),
+    (["parity", "model.bin"], "does not exist"),
+])
+def test_bad_export_input(tmp_path, args, fragment):
+    r = run_cli(*args, "-o", tmp_path / "x.onnx") if args[0] == "onnx" else run_cli(*args, cwd=tmp_path)
+    assert_one_line_error(r, fragment)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unknown_artifact_type(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"\0" * 10)
+    assert_one_line_error(run_cli("parity", f), "unknown artifact type .bin")
