@@ -1,0 +1,51 @@
+"""`ffexport bench`: real runs (few of them), the JSON schema, skip reasons, ratio, verdict and plot."""
+import json
+
+import pytest
+
+from ffexport.bench import ratios, table, verdict
+from helpers import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    r = run_cli("bench", "--target", "torch,onnxruntime,coreml", "--input-size", "320x320", "--threads", "1",
+                "--runs", "3", "--warmup", "1", "--json", d / "b.json", "--plot", d / "b.png")
+    assert r.returncode == 0, r.stderr
+    return json.loads((d / "b.json").read_text()), r.stdout, d / "b.png"
+
+
+def test_rows_follow_the_schema(result):
+    res, _, _ = result
+    assert {"cpu", "cores", "arch"} <= set(res["machine"]) and "onnxruntime" in res["versions"]
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert {(r["target"], r["model"]) for r in ok} == {(t, m) for t in ("torch", "onnxruntime") for m in ("v1", "v2")}
+    for r in ok:
+        assert r["input_size"] == "320x320" and r["threads"] == 1
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] and r["peak_rss_mb"] > 50
+
+
+def test_unavailable_target_is_skipped_with_a_reason(result):
+    res, _, _ = result
+    coreml = [r for r in res["rows"] if r["target"] == "coreml"]
+    assert coreml and all(r["status"] == "skipped" and "macOS" in r["note"] for r in coreml)
+
+
+def test_ratio_verdict_and_plot(result):
+    res, stdout, png = result
+    rs = {(r["target"], r["input_size"], r["threads"]): r["ratio"] for r in ratios(res)}
+    v1 = {r["target"]: r["median_ms"] for r in res["rows"] if r.get("model") == "v1" and r["status"] == "ok"}
+    v2 = {r["target"]: r["median_ms"] for r in res["rows"] if r.get("model") == "v2" and r["status"] == "ok"}
+    assert rs[("torch", "320x320", 1)] == pytest.approx(v2["torch"] / v1["torch"], abs=1e-3)
+    assert res["verdict"] == verdict(res) and "2x faster" in res["verdict"]
+    assert "| onnxruntime | 320x320 | 1 |" in stdout and table(res) in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_target_is_one_line_error():
+    assert_one_line_error(run_cli("bench", "--target", "tensorrt"), "unsupported target tensorrt")
+
+
+def test_bad_model_list():
+    assert_one_line_error(run_cli("bench", "--model", "v3"), "--model takes v1, v2")
