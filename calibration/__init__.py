@@ -17,10 +17,11 @@ from ffexport.errors import FFExportError
 
 MANIFEST = Path(__file__).with_name("manifest.json")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-# The official WIDER FACE validation images as mirrored on the Hugging Face hub (the dataset card
-# "CUHK-CSE/wider_face", data/WIDER_val.zip). Override with FFEXPORT_WIDERFACE_URL/_SHA256.
+# The official WIDER FACE validation images (WIDER_val.zip, 3,226 images, ~350 MB) as mirrored by the
+# dataset's Hugging Face card CUHK-CSE/wider_face; the md5 is the one torchvision's WIDERFace dataset
+# pins for the official file. Override with FFEXPORT_WIDERFACE_URL / FFEXPORT_WIDERFACE_CHECKSUM.
 WIDER_VAL_URL = "https://huggingface.co/datasets/CUHK-CSE/wider_face/resolve/main/data/WIDER_val.zip"
-WIDER_VAL_SHA256 = os.environ.get("FFEXPORT_WIDERFACE_SHA256_PIN", "")
+WIDER_VAL_CHECKSUM = "md5:dfa7d7e790efa35df3788964cf0bbaea"
 
 
 def find_widerface(explicit=None, allow_download=True) -> Path:
@@ -45,12 +46,9 @@ def find_widerface(explicit=None, allow_download=True) -> Path:
 
 def _download_widerface(dest: Path) -> Path:
     url = os.environ.get("FFEXPORT_WIDERFACE_URL", WIDER_VAL_URL)
-    sha = os.environ.get("FFEXPORT_WIDERFACE_SHA256", WIDER_VAL_SHA256)
-    if not sha:
-        raise FFExportError("no WIDER FACE found and no pinned checksum to download it with: download WIDER_val.zip "
-                            "yourself and pass --calib DIR (or set FFEXPORT_WIDERFACE)")
+    checksum = os.environ.get("FFEXPORT_WIDERFACE_CHECKSUM", WIDER_VAL_CHECKSUM)
     fix = "download WIDER_val.zip yourself, unzip it and pass --calib DIR (or set FFEXPORT_WIDERFACE)"
-    zpath = download(url, dest.parent / "WIDER_val.zip", sha, "WIDER FACE val images", fix)
+    zpath = download(url, dest.parent / "WIDER_val.zip", checksum, "WIDER FACE val images", fix)
     tmp = dest.parent / ".widerface-unpacking"
     import shutil
 
@@ -62,7 +60,9 @@ def _download_widerface(dest: Path) -> Path:
         raise FFExportError(f"{zpath} is not a valid zip: delete it and retry, or {fix}") from None
     if not (tmp / "WIDER_val" / "images").is_dir():
         raise FFExportError(f"{zpath} has no WIDER_val/images folder: {fix}")
-    (tmp / "WIDER_val").rename(dest / "WIDER_val") if not (dest / "WIDER_val").exists() else None
+    if (dest / "WIDER_val").exists():
+        shutil.rmtree(dest / "WIDER_val")  # a previous, interrupted unpack
+    (tmp / "WIDER_val").rename(dest / "WIDER_val")
     shutil.rmtree(tmp, ignore_errors=True)
     zpath.unlink()
     return dest

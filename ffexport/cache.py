@@ -17,8 +17,8 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def sha256sum(path) -> str:
-    h = hashlib.sha256()
+def sha256sum(path, algo="sha256") -> str:
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -64,11 +64,14 @@ def _remove(p):
         p.unlink()
 
 
-def download(url: str, dest, sha256: str, what: str, fix: str) -> Path:
-    """Download `url` to `dest` with a progress bar, verifying sha256 before the file appears.
+def download(url: str, dest, checksum: str, what: str, fix: str) -> Path:
+    """Download `url` to `dest` with a progress bar, verifying the checksum before the file appears.
 
+    `checksum` is a sha256 hex digest, or "md5:<hex>" where only an md5 is published.
     `what` names the thing ("FeatherFace v2 weights"), `fix` says what to do if it fails.
     """
+    algo, _, expected = checksum.rpartition(":")
+    algo = algo or "sha256"
     from tqdm import tqdm
 
     dest = Path(dest)
@@ -84,8 +87,8 @@ def download(url: str, dest, sha256: str, what: str, fix: str) -> Path:
                         bar.update(len(block))
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise FFExportError(f"could not download {what} from {url} ({e}): {fix}") from None
-        got = sha256sum(tmp)
-        if got != sha256:
+        got = sha256sum(tmp, algo)
+        if got != expected:
             raise FFExportError(
-                f"downloaded {what} has sha256 {got[:12]}…, expected {sha256[:12]}… (corrupt or wrong file): {fix}")
+                f"downloaded {what} has {algo} {got[:12]}…, expected {expected[:12]}… (corrupt or wrong file): {fix}")
     return dest

@@ -32,7 +32,9 @@ def predict(runner: Runner, items, conf=EVAL_CONF, nms=EVAL_NMS, progress=True) 
 
     preds = {}
     for key, path in tqdm(items, desc="evaluating", unit="img", disable=None if progress else True):
-        x, scale = prepare(read_image(path), runner.input_size, runner.multiple)
+        # Dynamic-size runners (PyTorch included) all get the image padded to a multiple of 32, so
+        # PyTorch and a dynamic export score identical inputs.
+        x, scale = prepare(read_image(path), runner.input_size, 32)
         loc, cf, landm = runner(x)
         d = detect(loc[0], cf[0], landm[0], x.shape[2:], scale, conf, nms)
         preds[key] = np.concatenate([d.boxes, d.scores[:, None]], 1) if len(d) else np.zeros((0, 5), np.float32)
@@ -47,7 +49,8 @@ def evaluate_runner(runner: Runner, root, limit=None, preds_dir=None, progress=T
     if preds_dir:
         write_predictions(preds, preds_dir)
     result = evaluate(preds, load_ground_truth(root), images=[k for k, _ in items], progress=progress)
-    result["resolution"] = ("original image size" if runner.input_size is None else
+    result["resolution"] = ("original image size (padded bottom/right to a multiple of 32)"
+                            if runner.input_size is None else
                             f"letterboxed to {runner.input_size[0]}x{runner.input_size[1]}, boxes mapped back")
     result["conf"], result["nms"] = EVAL_CONF, EVAL_NMS
     result["runtime"] = runner.describe()

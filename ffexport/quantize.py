@@ -244,7 +244,7 @@ def _fp16(fp32, tmpdir):
     try:
         from onnxconverter_common import float16
     except ImportError:
-        raise FFExportError("--quantize fp16 needs onnxconverter-common: pip install 'ffexport[fp16]'") from None
+        raise FFExportError("--quantize fp16 needs onnxconverter-common: pip install onnxconverter-common") from None
     import onnx
 
     # DeformConv has no fp16 kernel in onnxruntime: keep it (and the I/O) in float32.
