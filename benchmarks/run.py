@@ -58,6 +58,16 @@ def section_accuracy():
     save("accuracy", res)
 
 
+def section_plain():
+    """The AP cost of --dcn plain (regular convs instead of deformable ones), PyTorch, original size."""
+    res = {}
+    for m in ("v1", "v2"):
+        out = ART / f"eval-{m}-plain.json"
+        ffexport("eval", "--model", m, "--dcn", "plain", "--json", out)
+        res[m] = json.loads(out.read_text())
+    save("plain_dcn", res)
+
+
 def section_int8_table():
     """Calibration method x per-channel x calibration size -> AP (640 letterbox) and latency."""
     rows = []
@@ -118,8 +128,18 @@ def section_sizes():
     save("sizes", sizes)
 
 
-SECTIONS = {"accuracy": section_accuracy, "int8_table": section_int8_table, "bench": section_bench,
-            "sizes": section_sizes}
+def section_limits():
+    """FLOPs of each model and this CPU's practical fp32 peak (SGEMM), for the physical-limit estimate."""
+    from ffexport.bench import model_flops, peak_gflops
+    from ffexport.weights import load_model
+
+    save("limits", {"gflops_640": {m: round(model_flops(load_model(m), (640, 640)) / 1e9, 4) for m in ("v1", "v2")},
+                    "gflops_320": {m: round(model_flops(load_model(m), (320, 320)) / 1e9, 4) for m in ("v1", "v2")},
+                    "sgemm_peak_gflops": {str(t): round(peak_gflops(t), 1) for t in (1, 2)}})
+
+
+SECTIONS = {"accuracy": section_accuracy, "plain": section_plain, "int8_table": section_int8_table, "bench": section_bench,
+            "sizes": section_sizes, "limits": section_limits}
 
 
 def main():
@@ -131,6 +151,80 @@ def main():
     if not args.render:
         for name in args.only.split(","):
             SECTIONS[name]()
+    render()
+
+
+def _ap(r):
+    return f"{100 * r['easy']:.1f} / {100 * r['medium']:.1f} / {100 * r['hard']:.1f}"
+
+
+def render():
+    """RESULTS.md from the saved JSON sections (missing sections are said to be missing)."""
+    from ffexport.bench import ratios, table, verdict
+
+    lines = ["# Recorded results", "",
+             "Regenerate with `python benchmarks/run.py` (all sections) or `--only SECTION`; this file is "
+             "rendered from the JSON files beside it. AP is on the shared WIDER FACE val subset: 488 images "
+             "(8 per event) minus the 122 calibration images = **366 images**; an estimate of, not, the official "
+             "full-val number. Latencies are medians of one run; ratios compare numbers from the same run.", ""]
+    bench = load("bench")
+    if bench:
+        m, v = bench["machine"], bench["versions"]
+        lines += [f"Machine: {m['cpu']}, {m['cores']} cores ({m['arch']}), {m['memory_gb']} GB, "
+                  f"AVX-512 VNNI: {m['avx512_vnni']}; {m['os']}; Python {m['python']}. Date: {bench['date']}.",
+                  "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".", ""]
+    acc = load("accuracy")
+    if acc:
+        lines += ["## Accuracy (WIDER FACE val subset, 366 images; Easy / Medium / Hard AP, %)", "",
+                  "| model | PyTorch (original size) | ONNX fp32 dynamic (original size) | ONNX fp32 640x640 | "
+                  "ONNX int8 640x640 | int8 - fp32 (640) |", "|---|---|---|---|---|---|"]
+        for mdl in ("v1", "v2"):
+            g = lambda k: acc.get(f"{mdl}/{k}")
+            d = " / ".join(f"{100 * (g('onnx-int8-640')[s] - g('onnx-fp32-640')[s]):+.1f}"
+                           for s in ("easy", "medium", "hard")) if g("onnx-int8-640") else "-"
+            lines.append(f"| {mdl.upper()} | {_ap(g('pytorch'))} | {_ap(g('onnx-fp32'))} | "
+                         f"{_ap(g('onnx-fp32-640'))} | {_ap(g('onnx-int8-640')) if g('onnx-int8-640') else '-'} | {d} |")
+        lines += [""]
+    plain = load("plain_dcn")
+    if plain and acc:
+        lines += ["## Cost of `--dcn plain` (PyTorch, original size)", "",
+                  "| model | DCN (as trained) | plain conv | difference |", "|---|---|---|---|"]
+        for mdl in ("v1", "v2"):
+            a, b = acc[f"{mdl}/pytorch"], plain[mdl]
+            lines.append(f"| {mdl.upper()} | {_ap(a)} | {_ap(b)} | " + " / ".join(
+                f"{100 * (b[s] - a[s]):+.1f}" for s in ("easy", "medium", "hard")) + " |")
+        lines += [""]
+    rows = load("int8_table")
+    if rows:
+        lines += ["## int8 calibration study (V2, 640x640, onnxruntime)", "",
+                  "| method | weights | calibration images | Easy / Medium / Hard AP | median ms 1 thread | "
+                  "median ms 2 threads | quantize time s |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("status") == "failed":
+                lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images']} | failed | | | |")
+                continue
+            lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images']} | {_ap(r)} | {r['median_ms_1t']} | "
+                         f"{r['median_ms_2t']} | {r['quantize_s']} |")
+        lines += [""]
+    if bench:
+        lines += ["## Latency (V1 and V2 interleaved in one process per row)", "", table(bench), "",
+                  "![latency](latency.png)", "", "**" + verdict(bench) + "**", ""]
+    arm = load("bench_arm")
+    if arm:
+        lines += ["## onnxruntime-arm (aarch64 build under qemu: emulated, not a device measurement)", "",
+                  table(arm), ""]
+    limits = load("limits")
+    if limits:
+        lines += ["## FLOPs and the physical limit", "",
+                  f"FLOPs at 640x640 (convolutions + DCN column MatMul, 2 x MACs): V1 {limits['gflops_640']['v1']} G, "
+                  f"V2 {limits['gflops_640']['v2']} G. This CPU's practical fp32 peak (2048^3 SGEMM in PyTorch): "
+                  f"{limits['sgemm_peak_gflops']['1']} GFLOP/s on 1 thread, {limits['sgemm_peak_gflops']['2']} on 2.", ""]
+    sizes = load("sizes")
+    if sizes:
+        lines += ["## Artifact sizes (MB)", "", "| file | MB |", "|---|---|"] + \
+                 [f"| {k} | {v} |" for k, v in sizes.items()] + [""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

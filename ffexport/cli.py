@@ -212,8 +212,10 @@ def parity(artifact, images, limit, weights, json_out, conf):
 @click.option("--limit", type=int, default=None, help="Evaluate at most N images (stratified), for a quick look.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--preds-dir", type=click.Path(), default=None, help="Also write per-image WIDER FACE txt predictions.")
+@click.option("--dcn", type=click.Choice(["grid", "plain"]), default="grid", show_default=True,
+              help="PyTorch model only: 'plain' measures the AP cost of dropping the deformable offsets.")
 @user_errors
-def eval_(artifact, model, weights, widerface, limit, json_out, preds_dir):
+def eval_(artifact, model, weights, widerface, limit, json_out, preds_dir, dcn):
     """WIDER FACE Easy/Medium/Hard AP (official protocol) of ARTIFACT, or of the PyTorch model."""
     import os
 
@@ -223,8 +225,9 @@ def eval_(artifact, model, weights, widerface, limit, json_out, preds_dir):
     root = widerface or os.environ.get("FFEXPORT_WIDERFACE")
     if not root:
         raise FFExportError("no WIDER FACE folder: pass --widerface DIR or set FFEXPORT_WIDERFACE")
-    runner = load_runner(artifact, model, weights)
+    runner = load_runner(artifact, model, weights, dcn=dcn)
     result = evaluate_runner(runner, root, limit, preds_dir)
+    result["dcn"] = dcn if artifact is None else "as exported"
     click.echo(format_result(result))
     if json_out:
         write_json(json_out, result)

@@ -182,7 +182,7 @@ class _Reader:
 
 
 def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False, opset=19, dcn="auto", calib=None,
-                  calib_size=100, method="percentile", per_channel=True, target_db=45.0):
+                  calib_size=100, method="minmax", per_channel=True, target_db=45.0, max_rounds=4):
     """Export `model` to ONNX and quantize it; writes `out` atomically."""
     import onnx
 
@@ -197,7 +197,8 @@ def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False,
         if mode == "fp16":
             quantized, extra = _fp16(fp32, Path(tmpdir))
         else:
-            quantized, extra = _int8(fp32, Path(tmpdir), size, calib, calib_size, method, per_channel, target_db)
+            quantized, extra = _int8(fp32, Path(tmpdir), size, calib, calib_size, method, per_channel, target_db,
+                                     max_rounds)
         q = onnx.load(str(quantized))
         set_metadata(q, {**meta, "quantization": mode, **extra})
         with atomic_output(out) as tmp:
@@ -205,7 +206,7 @@ def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False,
     log(f"wrote {out} ({mode}, {Path(out).stat().st_size / 1e6:.2f} MB)")
 
 
-def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db):
+def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db, max_rounds=4):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -231,7 +232,7 @@ def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db)
     log(f"calibrating on {len(batch)} images ({method}, {'per-channel' if per_channel else 'per-tensor'} weights); "
         f"measuring int8 error per node...")
     # Error is measured on a few calibration images (never evaluation images).
-    plan = plan_int8(pre, batch[: min(len(batch), 8)], quantize, target_db)
+    plan = plan_int8(pre, batch[: min(len(batch), 16)], quantize, target_db, max_rounds)
     report_plan(plan)
     extra = {"calibration": f"{len(batch)} images from {Path(root).name}, {method}, "
                             f"{'per-channel' if per_channel else 'per-tensor'}",
