@@ -136,7 +136,7 @@ def torchscript(model, weights, input_size, dcn, output):
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (WIDER FACE tree or any folder); default: WIDER FACE, see README.")
 @click.option("--calib-size", default=100, show_default=True, help="Number of calibration images.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
               show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight quantization granularity.")
 @click.option("-o", "--output", default=None, help="Output .onnx (default featherface_<model>[_int8].onnx).")
