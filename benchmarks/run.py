@@ -138,8 +138,39 @@ def section_limits():
                     "sgemm_peak_gflops": {str(t): round(peak_gflops(t), 1) for t in (1, 2)}})
 
 
+def section_profile(runs=20):
+    """Where the time goes in onnxruntime (1 thread, 640x640): per op type, fp32 vs int8, V2."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    res = {}
+    for tag, path in (("fp32", ART / "v2_640.onnx"), ("int8", ART / "v2_int8.onnx")):
+        o = ort.SessionOptions()
+        o.intra_op_num_threads, o.enable_profiling = 1, True
+        o.profile_file_prefix = str(ART / f"profile-{tag}")
+        sess = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).integers(0, 255, (1, 3, 640, 640)).astype(np.float32) - 117
+        for _ in range(5):
+            sess.run(None, {"input": x})
+        prof = Path(sess.end_profiling())
+        sess = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, {"input": x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        by_op = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                by_op[e["args"]["op_name"]] += e["dur"] / runs / 1000
+        res[tag] = {k: round(v, 2) for k, v in by_op.most_common(12)}
+        res[tag]["total"] = round(sum(by_op.values()), 2)
+        prof.unlink(missing_ok=True)
+    save("profile", res)
+
+
 SECTIONS = {"accuracy": section_accuracy, "plain": section_plain, "int8_table": section_int8_table, "bench": section_bench,
-            "sizes": section_sizes, "limits": section_limits}
+            "sizes": section_sizes, "limits": section_limits, "profile": section_profile}
 
 
 def main():
@@ -213,6 +244,13 @@ def render():
     if arm:
         lines += ["## onnxruntime-arm (aarch64 build under qemu: emulated, not a device measurement)", "",
                   table(arm), ""]
+    prof = load("profile")
+    if prof:
+        ops = list(dict.fromkeys(k for t in ("fp32", "int8") for k in prof[t] if k != "total"))
+        lines += ["## Where int8 time goes (onnxruntime profiler, V2 640x640, 1 thread, ms per run)", "",
+                  "| op | fp32 | int8 |", "|---|---|---|"] + \
+                 [f"| {k} | {prof['fp32'].get(k, '')} | {prof['int8'].get(k, '')} |" for k in ops] + \
+                 [f"| **total** | {prof['fp32']['total']} | {prof['int8']['total']} |", ""]
     limits = load("limits")
     if limits:
         lines += ["## FLOPs and the physical limit", "",

@@ -15,6 +15,7 @@ import numpy as np
 
 from .cache import atomic_output
 from .errors import FFExportError
+from .parity import sqnr_db
 
 
 def log(msg):
@@ -68,11 +69,6 @@ def collect_activations(model_path, batches, tensor_names) -> dict[str, list[np.
         for name, value in zip(tensor_names, sess.run(tensor_names, {input_name: x[None] if x.ndim == 3 else x})):
             out[name].append(value)
     return out
-
-
-def sqnr_db(ref, got) -> float:
-    noise = float(np.sum((np.asarray(ref, np.float64) - got) ** 2))
-    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(np.asarray(ref, np.float64) ** 2) / noise))
 
 
 @dataclass

@@ -4,7 +4,6 @@ A Runner takes a 1x3xHxW float32 input (BGR minus mean) and returns (loc, conf, 
 numpy arrays shaped (1, N, 4), (1, N, 2), (1, N, 10). Each runtime is one small class.
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +144,3 @@ def run_image(runner: Runner, img: np.ndarray, conf=0.5, nms=0.4, raw=False):
 
 def detections_json(image, model, dets: Detections, extra=None) -> dict:
     return {"image": str(image), "model": model, **(extra or {}), "detections": dets.to_json()}
-
-
-def warn(msg):
-    print(f"warning: {msg}", file=sys.stderr)
