@@ -74,7 +74,7 @@ def section_tflite_accuracy():
 def section_plain():
     """The AP cost of --dcn plain (regular convs instead of deformable ones), PyTorch, original size."""
     res = {}
-    for m in ("v1", "v2"):
+    for m in ("v2",):
         out = ART / f"eval-{m}-plain.json"
         ffexport("eval", "--model", m, "--dcn", "plain", "--json", out)
         res[m] = json.loads(out.read_text())
@@ -85,8 +85,12 @@ def section_int8_table():
     """Calibration method x per-channel x calibration size -> AP (640 letterbox) and latency."""
     rows = []
     # method x weight granularity at 100 images, and the calibration size for the default method.
-    configs = [("percentile", "--per-channel", 100), ("percentile", "--per-tensor", 100),
-               ("minmax", "--per-channel", 100), ("minmax", "--per-tensor", 100), ("percentile", "--per-channel", 32)]
+    # The default (percentile, per-channel, 100 images) is the accuracy section's int8 row.
+    default = load("accuracy")["v2/onnx-int8-640"]
+    rows.append({"method": "percentile (default)", "weights": "per-channel", "calib_images": 100,
+                 "quantize_s": None, "easy": default["easy"], "medium": default["medium"], "hard": default["hard"],
+                 **json.loads(ffexport_bench_file(ART / "v2_int8.onnx", runs=30))})
+    configs = [("percentile", "--per-tensor", 100), ("minmax", "--per-channel", 100), ("percentile", "--per-channel", 32)]
     for method, per_channel, size in configs:
         out = ART / f"v2_int8_{method}_{per_channel[2:]}_{size}.onnx"
         t0 = time.time()
@@ -133,11 +137,21 @@ def section_bench():
 
 
 def section_sizes():
+    """Size of every V2 artifact at 640x640 (exports what the other sections did not)."""
+    wanted = {"TorchScript (.pt)": ("torchscript", "v2_640.pt"), "ONNX fp32": (None, "v2_640.onnx"),
+              "ONNX int8": (None, "v2_int8.onnx"), "Core ML fp16": ("coreml", "v2_640_fp16.mlpackage"),
+              "Core ML int8 weights": ("coreml", "v2_640_int8.mlpackage"),
+              "TFLite fp32": ("tflite", "v2_640.tflite"), "TFLite int8": ("tflite", "v2_640_int8.tflite")}
     sizes = {}
-    for f in sorted(ART.glob("*")):
-        if f.suffix in (".onnx", ".pt", ".tflite") or f.suffix == ".mlpackage":
-            n = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
-            sizes[f.name] = round(n / 1e6, 3)
+    for label, (cmd, name) in wanted.items():
+        f = ART / name
+        if not f.exists() and cmd:
+            extra = ["--quantize", "int8"] if "int8" in name else []
+            if ffexport(cmd, "--model", "v2", *extra, "-o", f, check=False).returncode != 0:
+                sizes[label] = None
+                continue
+        n = sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+        sizes[label] = round(n / 1e6, 2)
     save("sizes", sizes)
 
 
@@ -233,7 +247,7 @@ def render():
     if plain and acc:
         lines += ["## Cost of `--dcn plain` (PyTorch, original size)", "",
                   "| model | DCN (as trained) | plain conv | difference |", "|---|---|---|---|"]
-        for mdl in ("v1", "v2"):
+        for mdl in plain:
             a, b = acc[f"{mdl}/pytorch"], plain[mdl]
             lines.append(f"| {mdl.upper()} | {_ap(a)} | {_ap(b)} | " + " / ".join(
                 f"{100 * (b[s] - a[s]):+.1f}" for s in ("easy", "medium", "hard")) + " |")
@@ -255,7 +269,13 @@ def render():
                          f"{r['median_ms_2t']} | {r['quantize_s']} |")
         lines += [""]
     if bench:
-        lines += ["## Latency (V1 and V2 interleaved in one process per row)", "", table(bench), "",
+        lines += ["## Latency (V1 and V2 interleaved in one process per row)", "",
+                  "Medians of up to 100 timed runs after 10 warm-up runs (slow rows: fewer, >= 5, within a 120 s "
+                  "budget). Peak RSS is the worker process's, both models resident, and includes the export or "
+                  "quantization when the row had to build its artifact (the 16 GB tflite-int8 row is ai-edge-quantizer "
+                  "calibration). The 2-thread medians are noisy on this VM (onnxruntime 640x640: min 26 ms, median "
+                  "37.5 ms, p90 49 ms): the second vCPU was not consistently available, so compare 1-thread rows.", "",
+                  table(bench), "",
                   "![latency](latency.png)", "", "**" + verdict(bench) + "**", ""]
     arm = load("bench_arm")
     if arm:
@@ -274,10 +294,23 @@ def render():
                   f"FLOPs at 640x640 (convolutions + DCN column MatMul, 2 x MACs): V1 {limits['gflops_640']['v1']} G, "
                   f"V2 {limits['gflops_640']['v2']} G. This CPU's practical fp32 peak (2048^3 SGEMM in PyTorch): "
                   f"{limits['sgemm_peak_gflops']['1']} GFLOP/s on 1 thread, {limits['sgemm_peak_gflops']['2']} on 2.", ""]
+        if bench:
+            ok = [r for r in bench["rows"] if r["status"] == "ok" and r["model"] == "v2" and r["input_size"] == "640x640"]
+            best = min(ok, key=lambda r: r["median_ms"])
+            eager = next(r for r in ok if r["target"] == "torch" and r["threads"] == best["threads"])
+            bound = limits["gflops_640"]["v2"] / limits["sgemm_peak_gflops"][str(best["threads"])] * 1000
+            lines += [f"- Fastest V2 deployment at 640x640 here: **{best['target']}**, {best['threads']} thread(s), "
+                      f"median {best['median_ms']:.1f} ms: **{eager['median_ms'] / best['median_ms']:.2f}x** faster than "
+                      f"PyTorch eager on the same input and threads ({eager['median_ms']:.1f} ms).",
+                      f"- FLOP-bound limit at that thread count: {limits['gflops_640']['v2']} GFLOP / "
+                      f"{limits['sgemm_peak_gflops'][str(best['threads'])]} GFLOP/s = **{bound:.1f} ms**; the best "
+                      f"deployment is {best['median_ms'] / bound:.1f}x above it. The gap is the deformable convs: "
+                      f"their bilinear sampling is memory-bound work the FLOP count does not see, and it is about half "
+                      f"of the onnxruntime time (profile above).", ""]
     sizes = load("sizes")
     if sizes:
-        lines += ["## Artifact sizes (MB)", "", "| file | MB |", "|---|---|"] + \
-                 [f"| {k} | {v} |" for k, v in sizes.items()] + [""]
+        lines += ["## Artifact sizes (V2, 640x640, MB)", "", "| artifact | MB |", "|---|---|"] + \
+                 [f"| {k} | {v if v is not None else 'failed'} |" for k, v in sizes.items()] + [""]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
 

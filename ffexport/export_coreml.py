@@ -3,9 +3,13 @@
 torch.export is the path on which every DCN form converts (the traced path failed on grid_sample:
 an int/float `inverse` type error). The input is a Core ML image (BGR, bias -104/-117/-123, scale 1)
 so an app feeds a CVPixelBuffer directly; `input_type="tensor"` gives the raw NCHW tensor instead.
-Core ML runs only on macOS: here the package is converted and checked structurally; running it
-raises RuntimeUnavailable (exit status 3), never a parity that was not measured.
+Outputs are float32 `loc`, `conf`, `landmarks`, exactly the ONNX contract.
+
+Core ML runs only on macOS. Off macOS the package is converted and checked structurally
+(inspect_coreml); running it raises RuntimeUnavailable (exit status 3), never a parity that was not
+measured. Activation quantization calibrates by running the model, so it too happens only on macOS.
 """
+import logging
 import sys
 import time
 import warnings
@@ -14,123 +18,380 @@ from pathlib import Path
 
 import numpy as np
 
+from models.preprocess import MEAN_BGR
+
 from .cache import atomic_output
 from .errors import FFExportError, RuntimeUnavailable
 from .meta import artifact_metadata
 from .runtime import OUTPUTS, Runner
 
-MEAN_BIAS = [-104.0, -117.0, -123.0]
-DTYPE_NAMES = {1: "bool", 10: "fp16", 11: "fp32", 21: "int8", 22: "int16", 23: "int32", 24: "int64", 25: "uint8"}
+MEAN_BIAS = [-m for m in MEAN_BGR]
+PRECISIONS = ("fp16", "fp32")
+INPUT_TYPES = ("image", "tensor")
+DCN_FORMS = ("grid", "gather", "plain")  # "native" is a custom op: Core ML has no deformable convolution
+DTYPES = {"BOOL": ("bool", 1), "FLOAT16": ("fp16", 2), "FLOAT32": ("fp32", 4), "FLOAT64": ("fp64", 8),
+          "INT4": ("int4", 0.5), "UINT4": ("uint4", 0.5), "INT8": ("int8", 1), "UINT8": ("uint8", 1),
+          "INT16": ("int16", 2), "UINT16": ("uint16", 2), "INT32": ("int32", 4), "INT64": ("int64", 8),
+          "STRING": ("string", 0)}
+TARGETS = {7: "iOS16/macOS13", 8: "iOS17/macOS14", 9: "iOS18/macOS15"}
+LICENSE = "MIT (FeatherFace checkpoints and ffexport)"
+ON_MACOS = sys.platform == "darwin"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _ct():
+    """coremltools, imported quietly (its import-time notes about the missing native runtime off macOS
+    and untested torch versions are noise here: the pins in setup.cfg are the tested ones)."""
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    ct_logger.setLevel(logging.ERROR)
     try:
         import coremltools as ct
     except ImportError:
         raise FFExportError("Core ML export needs coremltools: pip install 'ffexport[coreml]'") from None
+    finally:
+        ct_logger.setLevel(level)
     return ct
 
 
-def log(msg):
-    print(msg, file=sys.stderr)
+class _quiet_coremltools:
+    """Silence coremltools' per-constant 'int64 -> int32' warnings during conversion (hundreds of lines)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("coremltools")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self.warnings.__exit__(*exc)
+        self.logger.setLevel(self.level)
+
+
+def _check_args(out, input_size, precision, quantize, input_type, dcn, calib_size):
+    if not str(out).endswith(".mlpackage"):
+        raise FFExportError(f"{out}: a Core ML ML Program is saved as a .mlpackage folder: use -o NAME.mlpackage")
+    if precision not in PRECISIONS:
+        raise FFExportError(f"precision {precision!r} is not available for Core ML: use fp16 or fp32")
+    if quantize not in (None, "int8"):
+        raise FFExportError(f"quantize {quantize!r} is not available for Core ML: use int8 or none")
+    if input_type not in INPUT_TYPES:
+        raise FFExportError(f"input type {input_type!r} is not available for Core ML: use image or tensor")
+    if dcn not in DCN_FORMS:
+        raise FFExportError(f"--dcn {dcn} is not available for Core ML (it has no deformable-convolution op): "
+                            f"use grid, gather or plain")
+    try:
+        h, w = (int(v) for v in input_size)
+    except (TypeError, ValueError):
+        raise FFExportError(f"input size {input_size!r} is not (H, W): use e.g. 640x640") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise FFExportError(f"input size {h}x{w} must be positive multiples of 32 (the model downsamples by 32)")
+    if quantize == "int8" and int(calib_size) <= 0:
+        raise FFExportError(f"--calib-size {calib_size} must be a positive number of images")
+    return h, w
+
+
+def _export_program(model, dcn, shape):
+    import torch
+
+    from models.dcn import DeformableConv2d, set_dcn_form
+
+    before = next((m.form for m in model.modules() if isinstance(m, DeformableConv2d)), "grid")
+    set_dcn_form(model, dcn)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, (torch.zeros(*shape),))
+            # Keep aten ops as they are (coremltools converts them best undecomposed), except `&` on bool
+            # tensors (the gather DCN's validity mask): coremltools has bitwise_and, not aten.__and__.
+            aten = torch.ops.aten
+            return ep.run_decompositions({aten.__and__.Tensor: lambda a, b: aten.bitwise_and.Tensor(a, b)})
+    finally:
+        set_dcn_form(model, before)
+
+
+# Float ops that can sit between a sampling coordinate and the integer index it becomes.
+_INDEX_MATH = {"add", "sub", "mul", "real_div", "floor", "ceil", "round", "clip", "maximum", "minimum"}
+
+
+def _feeds_integer_index(op) -> bool:
+    """True if `op`'s result flows, through elementwise float arithmetic only, into a cast to an integer type
+    (a gather index). Such math must stay fp32: fp16 holds integers exactly only up to 2048, and the gather
+    DCN's flat index (y*W + x) reaches 6399 on the 80x80 level of a 640x640 input."""
+    stack, seen = [op], set()
+    while stack:
+        for out in stack.pop().outputs:
+            for child in out.child_ops:
+                if child.op_type == "cast" and str(child.dtype.val).startswith(("int", "uint")):
+                    return True
+                if child.op_type in _INDEX_MATH and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    return False
+
+
+def _compute_precision(ct, precision):
+    if precision == "fp32":
+        return ct.precision.FLOAT32
+    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not _feeds_integer_index(op))
+
+
+def _to_pil(x):
+    """A (3,H,W) BGR-minus-mean array as the RGB PIL image Core ML's predict takes for an image input."""
+    from PIL import Image
+
+    bgr = np.clip(np.rint(x.transpose(1, 2, 0) + np.array(MEAN_BGR, np.float32)), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+
+
+def _quantize_activations(mlmodel, calib, calib_size, size, input_type):
+    """W8A8 on macOS: calibrate activation ranges by running the fp model on WIDER FACE images (predict)."""
+    from calibration import find_widerface, load_batch
+    from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
+                                             linear_quantize_activations)
+
+    batch = load_batch(find_widerface(calib), int(calib_size), size)
+    samples = [{"input": _to_pil(x) if input_type == "image" else x[None]} for x in batch]
+    t = time.time()
+    cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"))
+    with _quiet_coremltools():
+        mlmodel = linear_quantize_activations(mlmodel, cfg, samples)
+    log(f"  activations: int8, calibrated on {len(samples)} images ({time.time() - t:.1f} s)")
+    return mlmodel
 
 
 def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", quantize=None, calib=None,
-                  calib_size=100, input_type="image", dcn="grid"):
-    import torch
+                  calib_size=100, input_type="image", dcn="grid") -> None:
+    """Write `out` (.mlpackage): an ML Program with input `input` and float32 outputs loc/conf/landmarks.
 
-    from models.dcn import set_dcn_form
-
+    quantize="int8": per-channel linear (symmetric) int8 for every weight tensor above coremltools'
+    2048-element threshold (~88% of V2's parameters; depthwise kernels and biases stay fp16); on macOS
+    also int8 activations calibrated on `calib_size` WIDER FACE images (which raises the minimum target
+    to iOS 17/macOS 14, the first with activation quantize ops). Off macOS activation calibration cannot run (it needs
+    Core ML predict): the weights are int8 and the activations stay fp16/fp32, and a note says so.
+    """
+    h, w = _check_args(out, input_size, precision, quantize, input_type, dcn, calib_size)
     ct = _ct()
-    if not str(out).endswith(".mlpackage"):
-        raise FFExportError(f"{out}: a Core ML ML Program is a .mlpackage folder: use -o NAME.mlpackage")
-    if dcn not in ("grid", "gather", "plain"):
-        raise FFExportError(f"--dcn {dcn} is not available for Core ML (no deformable op): use grid, gather or plain")
-    set_dcn_form(model, dcn)
-    x = torch.zeros(1, 3, *input_size)
+    activations = quantize == "int8" and ON_MACOS
+    if quantize == "int8" and not ON_MACOS:
+        log("note: Core ML activation quantization calibrates by running the model, which needs macOS: "
+            f"weights are int8 (per-channel), activations stay {precision}"
+            f"{' (--calib not used)' if calib is not None else ''}")
+    elif calib is not None and quantize != "int8":
+        log("note: --calib is used only with --quantize int8; ignoring it")
+    shape = (1, 3, h, w)
     t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = torch.export.export(model, (x,)).run_decompositions({})
-    set_dcn_form(model, "grid")
+    log(f"exporting FeatherFace {name.upper()} {h}x{w} (dcn={dcn}) with torch.export...")
+    ep = _export_program(model, dcn, shape)
+    log(f"  torch.export: {time.time() - t0:.1f} s")
+
     user_input = next(s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT")
     if input_type == "image":
-        inputs = [ct.ImageType(name=user_input, shape=x.shape, color_layout=ct.colorlayout.BGR, bias=MEAN_BIAS,
+        inputs = [ct.ImageType(name=user_input, shape=shape, color_layout=ct.colorlayout.BGR, bias=MEAN_BIAS,
                                scale=1.0)]
     else:
-        inputs = [ct.TensorType(name=user_input, shape=x.shape, dtype=np.float32)]
-    log(f"converting to Core ML ({precision}, {input_type} input, dcn={dcn})...")
-    mlmodel = ct.convert(ep, inputs=inputs, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+        inputs = [ct.TensorType(name=user_input, shape=shape, dtype=np.float32)]
+    outputs = [ct.TensorType(name=o, dtype=np.float32) for o in OUTPUTS]
+    target = ct.target.iOS17 if activations else ct.target.iOS16
+    t = time.time()
+    log(f"converting to a Core ML ML Program ({precision}, {input_type} input, minimum target "
+        f"{'iOS 17/macOS 14' if activations else 'iOS 16/macOS 13'})...")
+    with _quiet_coremltools():
+        mlmodel = ct.convert(ep, inputs=inputs, outputs=outputs, convert_to="mlprogram",
+                             minimum_deployment_target=target, skip_model_load=True,
+                             compute_precision=_compute_precision(ct, precision))
+    log(f"  conversion: {time.time() - t:.1f} s")
+
     spec = mlmodel.get_spec()
-    # torch.export names the tensors x / cat_3 / softmax: give them the artifact contract's names.
-    ct.utils.rename_feature(spec, spec.description.input[0].name, "input")
-    for old, new in zip([o.name for o in spec.description.output], OUTPUTS):
-        ct.utils.rename_feature(spec, old, new)
-    mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
+    # torch.export names the input after the forward() argument (x): give it the artifact contract's name.
+    if spec.description.input[0].name != "input":
+        ct.utils.rename_feature(spec, spec.description.input[0].name, "input")
+    got = [o.name for o in spec.description.output]
+    if got != list(OUTPUTS):  # a coremltools that ignores output names: rename by position
+        for old, new in zip(got, OUTPUTS):
+            ct.utils.rename_feature(spec, old, new)
+    mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=not ON_MACOS)
+
     quant_note = "none"
     if quantize == "int8":
-        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+        from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
+                                                 linear_quantize_weights)
 
+        if activations:
+            mlmodel = _quantize_activations(mlmodel, calib, calib_size, (h, w), input_type)
+        t = time.time()
         cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric",
                                                                        granularity="per_channel"))
-        mlmodel = linear_quantize_weights(mlmodel, cfg)
-        quant_note = "int8-weights"
-        if sys.platform == "darwin":
-            log("note: activation quantization needs calibration through Core ML predict; this build quantizes "
-                "weights only (int8, per-channel)")
-        else:
-            log("note: Core ML activation quantization calibrates by running the model, which needs macOS: "
-                "weights are int8 (per-channel), activations stay fp16")
-    meta = artifact_metadata(model, name, input_size, dcn, quantization=quant_note, precision=precision,
-                             input_type=input_type)
+        with _quiet_coremltools():
+            mlmodel = linear_quantize_weights(mlmodel, cfg)
+        log(f"  weights: int8 per-channel ({time.time() - t:.1f} s)")
+        quant_note = "int8-weights+activations" if activations else "int8-weights"
+
+    meta = artifact_metadata(model, name, (h, w), dcn, quantization=quant_note, precision=precision,
+                             input_type=input_type, minimum_target=TARGETS[mlmodel.get_spec().specificationVersion])
     mlmodel.user_defined_metadata.update(meta)
     mlmodel.author = "ffexport"
-    mlmodel.license = "MIT (FeatherFace checkpoints)"
+    mlmodel.license = LICENSE
     mlmodel.version = meta["ffexport_version"]
-    mlmodel.short_description = (f"FeatherFace {name.upper()} face detector: outputs loc (1,N,4), conf (1,N,2) "
-                                 f"softmaxed, landmarks (1,N,10) in prior order; decode with the priors in metadata")
-    mlmodel.input_description["input"] = ("BGR image; the model subtracts (104,117,123)" if input_type == "image"
-                                          else "float32 NCHW, BGR minus (104,117,123)")
-    for o, d in zip(OUTPUTS, ("box regression vs priors", "face/background probabilities", "5 landmark offsets")):
+    mlmodel.short_description = (
+        f"FeatherFace {name.upper()} face detector ({h}x{w}, {precision}"
+        f"{', ' + quant_note if quantize else ''}): loc (1,N,4), conf (1,N,2) softmaxed, landmarks (1,N,10) "
+        f"in prior order; decode with the priors in the metadata")
+    mlmodel.input_description["input"] = (
+        f"{w}x{h} BGR image (letterboxed, top-left aligned); the model subtracts the mean (104,117,123)"
+        if input_type == "image" else f"float32 (1,3,{h},{w}) BGR NCHW minus the mean (104,117,123), no scaling")
+    for o, d in zip(OUTPUTS, ("box regression against the priors (variances 0.1, 0.2)",
+                              "background/face probabilities (softmaxed)",
+                              "5 landmark (x,y) offsets against the priors")):
         mlmodel.output_description[o] = d
+    t = time.time()
     with atomic_output(out) as tmp:
         mlmodel.save(str(tmp))
-    log(f"wrote {out} (Core ML mlprogram, {precision}, int8 weights: {quantize == 'int8'}, "
-        f"{time.time() - t0:.0f} s)")
+        _readable(tmp)
+    mb = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e6
+    log(f"wrote {out} (Core ML ML Program, {precision}, quantization {quant_note}, {mb:.2f} MB; "
+        f"saved in {time.time() - t:.1f} s, {time.time() - t0:.1f} s in all)")
+
+
+def _readable(package):
+    """coremltools writes model.mlmodel and weights/ owner-only (0600/0700): give the package the usual
+    permissions (subject to the umask) so it can be shared, served or copied into an app by others."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [Path(package), *Path(package).rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _dims(tensor_type):
+    return [int(d.constant.size) for d in tensor_type.dimensions]
+
+
+def _value_type(vt):
+    """(dtype name, shape) of a MIL ValueType proto."""
+    t = vt.tensorType
+    return DTYPES.get(_dtype_name(t.dataType), (str(t.dataType), 0))[0], _dims(t)
+
+
+def _dtype_name(code):
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(code)
+
+
+def _immediate(value):
+    """The numbers in a small const (immediate) value, or None if it lives in the weight blob."""
+    if not value.HasField("immediateValue"):
+        return None
+    t = value.immediateValue.tensor
+    kind = t.WhichOneof("value")
+    if kind in ("floats", "ints", "doubles", "longInts", "bools"):
+        return np.asarray(getattr(t, kind).values)
+    if kind == "bytes" and value.type.tensorType.dataType == 10:  # FLOAT16
+        return np.frombuffer(t.bytes.values, np.float16).astype(np.float32)
+    return None
+
+
+def _image_preprocessing(ops, input_name):
+    """(scale, bias) of the image preprocessing coremltools inserts for an ImageType: mul by scale then add
+    bias, both consuming the input (or the scaled input) directly. Absent ops mean scale 1 / bias 0."""
+    consts = {}
+    for op in ops:
+        if op.type == "const" and "val" in op.attributes:
+            consts[op.outputs[0].name] = _immediate(op.attributes["val"])
+    scale, bias, current = 1.0, [0.0, 0.0, 0.0], input_name
+    for op in ops:
+        args = {k: [a.name for a in v.arguments] for k, v in op.inputs.items()}
+        if args.get("x") != [current] or op.type not in ("mul", "add"):
+            continue
+        val = consts.get(args.get("y", [None])[0])
+        if val is None:
+            break
+        if op.type == "mul":
+            scale = float(np.ravel(val)[0])
+        else:
+            bias = [float(v) for v in np.ravel(val)] if np.size(val) == 3 else [float(np.ravel(val)[0])] * 3
+        current = op.outputs[0].name
+    return scale, bias
 
 
 def inspect_coreml(path) -> dict:
-    """Structural facts of a .mlpackage that need no Core ML runtime (what Linux can check)."""
+    """Structural facts of a .mlpackage that need no Core ML runtime (what Linux can check).
+
+    inputs/outputs (name, type, shape, dtype; image colour layout, scale, bias), ops (type histogram of the
+    main function), nonstandard_ops (op types not in coremltools' core MIL registry for the program's opset
+    — custom or dialect ops Core ML could not run), weight_bytes (constant data by storage dtype, including
+    the int8 data of constexpr dequantize ops), metadata (user-defined), spec version and minimum target.
+    """
     ct = _ct()
-    model = ct.models.MLModel(str(path), skip_model_load=True)
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    path = Path(path)
+    if not path.exists():
+        raise FFExportError(f"{path} does not exist: check the path")
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    except Exception as e:
+        raise FFExportError(f"{path} is not a Core ML package coremltools can read ({type(e).__name__}): "
+                            f"re-export it with 'ffexport coreml'") from None
     spec = model.get_spec()
-    ops = Counter()
-    weight_bytes = Counter()
-    for fn in spec.mlProgram.functions.values():
-        for block in fn.block_specializations.values():
-            for op in block.operations:
-                ops[op.type] += 1
-                # Weights live in const ops, or (int8) in the quantized data of constexpr dequantize ops.
-                attr = {"const": "val", "constexpr_affine_dequantize": "quantized_data"}.get(op.type)
-                if attr and attr in op.attributes:
-                    t = op.attributes[attr].type.tensorType
-                    n = int(np.prod([d.constant.size for d in t.dimensions])) if t.dimensions else 0
-                    weight_bytes[DTYPE_NAMES.get(t.dataType, str(t.dataType))] += n
-    inp = spec.description.input[0]
-    info = {"spec_version": spec.specificationVersion, "inputs": [], "outputs": [], "ops": dict(ops),
-            "metadata": dict(spec.description.metadata.userDefined), "weight_elements_by_dtype": dict(weight_bytes),
-            "size_mb": round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 3)}
-    kind = inp.type.WhichOneof("Type")
-    entry = {"name": inp.name, "type": kind}
-    if kind == "imageType":
-        entry.update(width=inp.type.imageType.width, height=inp.type.imageType.height,
-                     color_space=inp.type.imageType.ColorSpace.Name(inp.type.imageType.colorSpace))
-    else:
-        entry["shape"] = list(inp.type.multiArrayType.shape)
-    info["inputs"].append(entry)
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise FFExportError(f"{path} is a Core ML {spec.WhichOneof('Type')}, not an ML Program: "
+                            f"re-export it with 'ffexport coreml'")
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    ops = list(block.operations)
+    histogram = Counter(op.type for op in ops)
+    weight_bytes, weight_elements = Counter(), Counter()
+    for op in ops:
+        if op.type == "const" or op.type.startswith("constexpr_"):
+            for value in op.attributes.values():
+                if value.type.WhichOneof("type") != "tensorType" or _dtype_name(value.type.tensorType.dataType) in (
+                        "UNUSED_TYPE", "STRING"):
+                    continue
+                dtype, dims = _value_type(value.type)
+                n = int(np.prod(dims)) if dims else 1
+                weight_elements[dtype] += n
+                weight_bytes[dtype] += int(n * DTYPES.get(_dtype_name(value.type.tensorType.dataType),
+                                                          ("", 0))[1])
+    opset = {"CoreML5": ct.target.iOS15, "CoreML6": ct.target.iOS16, "CoreML7": ct.target.iOS17,
+             "CoreML8": ct.target.iOS18}.get(fn.opset, ct.target.iOS18)
+    nonstandard = sorted(t for t in histogram
+                         if t not in SSAOpRegistry.core_ops
+                         or not any(v <= opset for v in SSAOpRegistry.core_ops[t]))
+    mil_inputs = {i.name: i.type for i in fn.inputs}
+    info = {"spec_version": spec.specificationVersion, "model_type": "mlProgram", "opset": fn.opset,
+            "minimum_target": TARGETS.get(spec.specificationVersion, f"spec {spec.specificationVersion}"),
+            "inputs": [], "outputs": [], "ops": dict(histogram.most_common()), "nonstandard_ops": nonstandard,
+            "weight_bytes": dict(weight_bytes), "weight_elements": dict(weight_elements),
+            "metadata": dict(spec.description.metadata.userDefined),
+            "author": spec.description.metadata.author, "license": spec.description.metadata.license,
+            "version": spec.description.metadata.versionString,
+            "size_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+    for inp in spec.description.input:
+        kind = inp.type.WhichOneof("Type")
+        entry = {"name": inp.name, "type": kind}
+        if kind == "imageType":
+            im = inp.type.imageType
+            scale, bias = _image_preprocessing(ops, inp.name)
+            entry.update(shape=[1, 3, im.height, im.width], color_layout=im.ColorSpace.Name(im.colorSpace),
+                         scale=scale, bias=bias)
+        else:
+            ma = inp.type.multiArrayType
+            entry.update(shape=[int(v) for v in ma.shape], dtype=ma.ArrayDataType.Name(ma.dataType).lower())
+        if inp.name in mil_inputs:
+            entry["program_dtype"] = _value_type(mil_inputs[inp.name])[0]
+        info["inputs"].append(entry)
     for o in spec.description.output:
-        info["outputs"].append({"name": o.name, "type": o.type.WhichOneof("Type")})
+        ma = o.type.multiArrayType
+        info["outputs"].append({"name": o.name, "type": o.type.WhichOneof("Type"), "shape": [int(v) for v in ma.shape],
+                                "dtype": ma.ArrayDataType.Name(ma.dataType).lower()})
     return info
 
 
@@ -138,25 +399,23 @@ class CoreMLRunner(Runner):
     kind = "coreml"
 
     def __init__(self, path):
-        if sys.platform != "darwin":
+        if not ON_MACOS:
             raise RuntimeUnavailable(f"{path}: Core ML models run only on macOS; here it can be converted and "
                                      f"checked (ffexport coreml), not run — no parity was measured")
         ct = _ct()
         self.path = Path(path)
-        self.mlmodel = ct.models.MLModel(str(path))
+        try:
+            self.mlmodel = ct.models.MLModel(str(path))
+        except Exception as e:
+            raise FFExportError(f"{path} is not a Core ML model this Mac can load ({str(e).splitlines()[0][:160]}): "
+                                f"re-export it with 'ffexport coreml'") from None
         meta = self.mlmodel.user_defined_metadata
         self.model = meta.get("model")
-        self.precision = "int8" if meta.get("quantization") == "int8-weights" else meta.get("precision", "fp16")
+        quantized = meta.get("quantization", "none").startswith("int8")
+        self.precision = "int8" if quantized else meta.get("precision", "fp16")
         self.input_size = tuple(int(v) for v in meta["input_size"].split("x"))
         self.image_input = meta.get("input_type", "image") == "image"
 
     def __call__(self, x):
-        if self.image_input:
-            from PIL import Image
-
-            bgr = np.clip(x[0].transpose(1, 2, 0) + np.array([104, 117, 123], np.float32), 0, 255).astype(np.uint8)
-            feed = Image.fromarray(bgr[:, :, ::-1].copy())  # Core ML image inputs take RGB PIL images
-        else:
-            feed = x
-        out = self.mlmodel.predict({"input": feed})
+        out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
         return tuple(np.asarray(out[k], np.float32) for k in OUTPUTS)

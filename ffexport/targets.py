@@ -133,7 +133,8 @@ def _arm_measure(path, model, x, threads, runs, warmup):
 
 def _skip_executorch():
     if not _have("executorch"):
-        return "executorch is not installable beside torch==2.13.0 here (see benchmarks/RESULTS.md)"
+        return ("executorch is not installed, and no ExecuTorch export is wired up yet (its wheels are built "
+                "against one torch release; not validated with torch==2.13.0 here)")
     return None
 
 
