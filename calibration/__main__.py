@@ -1,10 +1,9 @@
-"""Regenerate manifest.json: python -m calibration WIDERFACE_ROOT"""
-import json
+"""Regenerate manifest.json from a WIDER FACE folder: python -m calibration WIDERFACE_ROOT"""
 import sys
 
-from . import MANIFEST, make_manifest
+from . import MANIFEST, write_manifest
 
-images = make_manifest(sys.argv[1])
-MANIFEST.write_text(json.dumps({"source": "WIDER FACE val, 2 images per event, seed 0 "
-                                          "(python -m calibration WIDERFACE_ROOT)", "images": images}, indent=1) + "\n")
+if len(sys.argv) != 2:
+    sys.exit(__doc__)
+images = write_manifest(sys.argv[1])
 print(f"wrote {MANIFEST} ({len(images)} images)")

@@ -1,11 +1,14 @@
 """The WIDER FACE protocol against the real ground truth, and against a loop-by-loop transcription of
 the official evaluation (as shipped with RetinaFace) on noisy predictions."""
+import os
+
 import numpy as np
 import pytest
 
 from conftest import WIDERFACE
 from ffexport.errors import FFExportError
-from ffexport.widerface import evaluate, find_val_images, load_ground_truth, read_predictions, write_predictions
+from ffexport.widerface import (SETTINGS, evaluate, find_val_images, load_ground_truth, read_predictions,
+                                write_predictions)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,8 @@ def keys():
     return [k for k, _ in find_val_images(WIDERFACE)]
 
 
-def gt_preds(gt, keys, score=None, rng=None):
+def gt_preds(gt, keys, rng=None):
+    """The ground-truth boxes as x1,y1,x2,y2 detections: score 1, or random scores in [0.5, 1)."""
     preds = {}
     for k in keys:
         b = gt.boxes[k].copy()
@@ -28,126 +32,224 @@ def gt_preds(gt, keys, score=None, rng=None):
     return preds
 
 
-def test_subset_layout(gt, keys):
+def counted(gt, keys, setting, which=lambda i: True):
+    return sum(sum(1 for i in gt.keep[setting][k] if which(i)) for k in keys)
+
+
+def test_ground_truth_as_predictions_scores_exactly_one(gt, keys):
     assert len(keys) == 488 and len(gt.boxes) == 3226
-    r = evaluate(gt_preds(gt, keys), gt, keys, progress=False)
-    # Every face found: AP 1 in every setting; the face counts are those of the 488 images.
-    assert r["easy"] == r["medium"] == r["hard"] == 1.0
-    assert r["faces"] == {"easy": 1018, "medium": 1928, "hard": 3958} and r["images"] == 488
+    for rng in (None, np.random.default_rng(0)):
+        r = evaluate(gt_preds(gt, keys, rng), gt, keys, progress=False)
+        # Each detection's best face is itself (IoU 1; no duplicate faces in these images), so every counted
+        # face is recalled with no false positive, and detections on ignored faces are neither TP nor FP:
+        # the PR curve is the single point (recall 1, precision 1) and the VOC area is exactly 1.
+        # (All-equal scores count every detection at every threshold; the official script divides 0/0 there.)
+        assert (r["easy"], r["medium"], r["hard"]) == (1.0, 1.0, 1.0)
+        assert r["faces"] == {"easy": 1018, "medium": 1928, "hard": 3958} and r["images"] == 488
 
 
-def test_missing_half_the_faces_halves_recall(gt, keys):
-    preds = gt_preds(gt, keys, rng=np.random.default_rng(0))
-    half = {k: p[::2] for k, p in preds.items()}
+def test_dropping_every_other_face_halves_ap(gt, keys):
+    half = {k: p[::2] for k, p in gt_preds(gt, keys).items()}
     r = evaluate(half, gt, keys, progress=False)
-    assert 0.4 < r["hard"] < 0.6
+    for s in SETTINGS:
+        # Precision stays 1, so AP is exactly the recall: the share of counted faces with an even index.
+        expected = counted(gt, keys, s, lambda i: i % 2 == 0) / r["faces"][s]
+        assert r[s] == pytest.approx(expected, abs=1e-12) and 0.4 < r[s] < 0.6
 
 
 def test_confident_false_positives_lower_ap(gt, keys):
     rng = np.random.default_rng(1)
-    preds = gt_preds(gt, keys, rng=rng)
+    preds = gt_preds(gt, keys, rng)
     noisy = {}
     for k, p in preds.items():
-        fp = np.concatenate([rng.uniform(0, 900, (5, 2)), np.zeros((5, 2)), np.full((5, 1), 1.5)], 1)
-        fp[:, 2:4] = fp[:, :2] + 20
+        fp = rng.uniform(0, 900, (5, 2))
+        fp = np.concatenate([fp, fp + 20, np.full((5, 1), 1.5)], 1)   # outscore every true detection
         noisy[k] = np.concatenate([p, fp])
-    assert evaluate(noisy, gt, keys, progress=False)["easy"] < 0.9 * evaluate(preds, gt, keys, progress=False)["easy"]
+    clean, dirty = evaluate(preds, gt, keys, progress=False), evaluate(noisy, gt, keys, progress=False)
+    for s in SETTINGS:
+        assert dirty[s] < 0.9 * clean[s]
 
 
-def test_boxes_shifted_off_target_score_zero(gt, keys):
-    preds = gt_preds(gt, keys)
-    shifted = {k: p + np.array([500, 500, 500, 500, 0]) for k, p in preds.items()}
-    assert evaluate(shifted, gt, keys, progress=False)["easy"] < 0.01
+def test_boxes_shifted_below_half_iou_score_zero(gt, keys):
+    shifted = {}
+    for k, p in gt_preds(gt, keys).items():
+        p = p.copy()
+        w = p[:, 2] - p[:, 0] + 1
+        p[:, [0, 2]] += 0.6 * w[:, None]   # IoU with its own face (w+1 convention): 0.4/1.6 = 0.25
+        shifted[k] = p
+    r = evaluate(shifted, gt, keys, progress=False)
+    # Not exactly 0: in crowds a shifted box can land on a neighbouring face.
+    assert all(r[s] < 0.02 for s in SETTINGS), r
 
 
-def test_images_without_predictions_count_their_faces(gt, keys):
-    preds = gt_preds(gt, keys[:100])
-    r = evaluate(preds, gt, keys[:200], progress=False)
-    assert r["images"] == 200 and r["easy"] < 0.75
+def test_only_listed_images_are_evaluated(gt, keys):
+    preds = gt_preds(gt, keys, np.random.default_rng(2))
+    sub = keys[:100]
+    # Predictions for other images are ignored (also for score normalisation); the default is preds' keys.
+    a = evaluate(preds, gt, sub, progress=False)
+    b = evaluate({k: preds[k] for k in sub}, gt, progress=False)
+    assert a == b and a["images"] == 100
 
 
-def official_reference(preds, gt, keys, setting, iou=0.5, thresh_num=1000):
-    """Direct transcription of the official algorithm (loops, +1 IoU, r_index bookkeeping)."""
-    allscores = np.concatenate([p[:, 4] for p in preds.values() if len(p)])
-    lo, hi = allscores.min(), allscores.max()
-    pr_curve, count_face = np.zeros((thresh_num, 2)), 0
-    for k in keys:
-        pred = preds.get(k, np.zeros((0, 5))).copy()
-        pred = pred[np.argsort(-pred[:, 4], kind="stable")]
-        pred[:, 4] = (pred[:, 4] - lo) / (hi - lo)
-        gtb = gt.boxes[k].copy()
-        keep = gt.keep[setting][k]
-        count_face += len(keep)
-        if len(gtb) == 0 or len(pred) == 0:
-            continue
-        ignore = np.zeros(len(gtb))
-        ignore[keep] = 1
-        gtb[:, 2] += gtb[:, 0]
-        gtb[:, 3] += gtb[:, 1]
-        recall_list, proposal_list, pred_recall = np.zeros(len(gtb)), np.ones(len(pred)), np.zeros(len(pred))
-        for h in range(len(pred)):
-            best, best_j = 0.0, 0
-            for j in range(len(gtb)):
-                iw = min(pred[h, 2], gtb[j, 2]) - max(pred[h, 0], gtb[j, 0]) + 1
-                ih = min(pred[h, 3], gtb[j, 3]) - max(pred[h, 1], gtb[j, 1]) + 1
-                o = 0.0
-                if iw > 0 and ih > 0:
-                    ua = ((pred[h, 2] - pred[h, 0] + 1) * (pred[h, 3] - pred[h, 1] + 1) +
-                          (gtb[j, 2] - gtb[j, 0] + 1) * (gtb[j, 3] - gtb[j, 1] + 1) - iw * ih)
-                    o = iw * ih / ua
-                if o > best:
-                    best, best_j = o, j
-            if best >= iou:
-                if ignore[best_j] == 0:
-                    recall_list[best_j], proposal_list[h] = -1, -1
-                elif recall_list[best_j] == 0:
-                    recall_list[best_j] = 1
-            pred_recall[h] = len(np.where(recall_list == 1)[0])
-        for t in range(thresh_num):
-            thresh = 1 - (t + 1) / thresh_num
-            r_index = np.where(pred[:, 4] >= thresh)[0]
-            if len(r_index):
-                r_index = r_index[-1]
-                pr_curve[t, 0] += len(np.where(proposal_list[:r_index + 1] == 1)[0])
-                pr_curve[t, 1] += pred_recall[r_index]
-    prec = np.where(pr_curve[:, 0] > 0, pr_curve[:, 1] / np.maximum(pr_curve[:, 0], 1), 0)
-    rec = pr_curve[:, 1] / count_face
-    mrec, mpre = np.concatenate(([0.], rec, [1.])), np.concatenate(([0.], prec, [0.]))
+def test_listed_images_without_predictions_count_their_faces(gt, keys):
+    r = evaluate(gt_preds(gt, keys[:100]), gt, keys[:200], progress=False)
+    assert r["images"] == 200
+    for s in SETTINGS:
+        # Perfect on the first 100, nothing on the other 100: AP = recall ceiling = their share of the faces.
+        assert r[s] == pytest.approx(counted(gt, keys[:100], s) / counted(gt, keys[:200], s), abs=1e-12)
+
+
+def test_unknown_images_and_bad_shapes_are_one_line_errors(gt, keys):
+    with pytest.raises(FFExportError, match="not in the WIDER FACE val ground truth") as e:
+        evaluate({"0--Parade/nope": np.zeros((0, 5))}, gt, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FFExportError, match=r"expected \(N, 5\)"):
+        evaluate({keys[0]: np.zeros((3, 4))}, gt, progress=False)
+
+
+def official_reference(preds, gt_dir, setting, iou_thresh=0.5, thresh_num=1000):
+    """Direct transcription of the official evaluation (RetinaFace's widerface_evaluate/evaluation.py) for one
+    setting, on {event: {name: (N,5) x,y,w,h,score sorted by score}}, over the images present in `preds`."""
+    from scipy.io import loadmat
+
+    gt_mat = loadmat(os.path.join(gt_dir, "wider_face_val.mat"))
+    setting_gt = loadmat(os.path.join(gt_dir, f"wider_{setting}_val.mat"))["gt_list"]
+    preds = {e: {n: v.copy() for n, v in d.items()} for e, d in preds.items()}
+
+    max_score, min_score = 0, 1   # norm_score
+    for d in preds.values():
+        for v in d.values():
+            if len(v):
+                max_score, min_score = max(np.max(v[:, -1]), max_score), min(np.min(v[:, -1]), min_score)
+    for d in preds.values():
+        for v in d.values():
+            if len(v):
+                v[:, -1] = (v[:, -1] - min_score) / (max_score - min_score)
+
+    def bbox_overlaps(boxes, query_boxes):
+        overlaps = np.zeros((len(boxes), len(query_boxes)))
+        for k in range(len(query_boxes)):
+            box_area = (query_boxes[k, 2] - query_boxes[k, 0] + 1) * (query_boxes[k, 3] - query_boxes[k, 1] + 1)
+            for n in range(len(boxes)):
+                iw = min(boxes[n, 2], query_boxes[k, 2]) - max(boxes[n, 0], query_boxes[k, 0]) + 1
+                if iw > 0:
+                    ih = min(boxes[n, 3], query_boxes[k, 3]) - max(boxes[n, 1], query_boxes[k, 1]) + 1
+                    if ih > 0:
+                        ua = (boxes[n, 2] - boxes[n, 0] + 1) * (boxes[n, 3] - boxes[n, 1] + 1) + box_area - iw * ih
+                        overlaps[n, k] = iw * ih / ua
+        return overlaps
+
+    count_face, pr_curve = 0, np.zeros((thresh_num, 2))
+    for i in range(len(gt_mat["event_list"])):
+        event_name = str(gt_mat["event_list"][i][0][0])
+        img_list, gt_bbx_list, sub_gt_list = gt_mat["file_list"][i][0], gt_mat["face_bbx_list"][i][0], setting_gt[i][0]
+        for j in range(len(img_list)):
+            if str(img_list[j][0][0]) not in preds.get(event_name, {}):
+                continue   # the subset: only images present
+            pred_info = preds[event_name][str(img_list[j][0][0])]
+            gt_boxes = gt_bbx_list[j][0].astype("float")
+            keep_index = sub_gt_list[j][0]
+            count_face += len(keep_index)
+            if len(gt_boxes) == 0 or len(pred_info) == 0:
+                continue
+            ignore = np.zeros(gt_boxes.shape[0])
+            if len(keep_index) != 0:
+                ignore[keep_index - 1] = 1
+            # image_eval
+            _pred, _gt = pred_info.copy(), gt_boxes.copy()
+            pred_recall, recall_list, proposal_list = np.zeros(len(_pred)), np.zeros(len(_gt)), np.ones(len(_pred))
+            _pred[:, 2] += _pred[:, 0]
+            _pred[:, 3] += _pred[:, 1]
+            _gt[:, 2] += _gt[:, 0]
+            _gt[:, 3] += _gt[:, 1]
+            overlaps = bbox_overlaps(_pred[:, :4], _gt)
+            for h in range(len(_pred)):
+                max_overlap, max_idx = overlaps[h].max(), overlaps[h].argmax()
+                if max_overlap >= iou_thresh:
+                    if ignore[max_idx] == 0:
+                        recall_list[max_idx], proposal_list[h] = -1, -1
+                    elif recall_list[max_idx] == 0:
+                        recall_list[max_idx] = 1
+                pred_recall[h] = len(np.where(recall_list == 1)[0])
+            # img_pr_info
+            for t in range(thresh_num):
+                thresh = 1 - (t + 1) / thresh_num
+                r_index = np.where(pred_info[:, 4] >= thresh)[0]
+                if len(r_index):
+                    r_index = r_index[-1]
+                    pr_curve[t, 0] += len(np.where(proposal_list[:r_index + 1] == 1)[0])
+                    pr_curve[t, 1] += pred_recall[r_index]
+    with np.errstate(divide="ignore", invalid="ignore"):   # dataset_pr_info: 0/0 = nan, as the official
+        propose, recall = pr_curve[:, 1] / pr_curve[:, 0], pr_curve[:, 1] / count_face
+    mrec, mpre = np.concatenate(([0.], recall, [1.])), np.concatenate(([0.], propose, [0.]))   # voc_ap
     for i in range(mpre.size - 1, 0, -1):
-        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+        mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
     i = np.where(mrec[1:] != mrec[:-1])[0]
     return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
 
 
-def test_matches_official_transcription_on_noisy_predictions(gt, keys):
-    rng = np.random.default_rng(7)
-    subset = keys[::12][:40]
+def noisy_predictions(gt, subset, rng, score_range=(0.02, 1)):
+    """Realistic detector output: jittered faces (some missed, some doubled) plus random boxes, random scores."""
     preds = {}
-    for k in subset:
+    for n, k in enumerate(subset):
+        if n % 10 == 3:
+            continue   # an image with no detections at all
         b = gt.boxes[k].copy()
         b[:, 2:] += b[:, :2]
         size = (b[:, 2:] - b[:, :2]).mean(1, keepdims=True)
-        b += rng.normal(0, 0.08, b.shape) * np.maximum(size, 4)  # jitter ~8% of the face size
+        b += rng.normal(0, 0.1, b.shape) * np.maximum(size, 4)   # jitter ~10% of the face size
         b = b[rng.random(len(b)) < 0.8]
-        fp = rng.uniform(0, 800, (rng.integers(0, 6), 2))
-        fp = np.concatenate([fp, fp + rng.uniform(5, 60, fp.shape)], 1)
-        boxes = np.concatenate([b, fp])
-        preds[k] = np.concatenate([boxes, rng.uniform(0.02, 1, (len(boxes), 1))], 1)
+        b = np.concatenate([b, b[rng.random(len(b)) < 0.1] + rng.normal(0, 2, (1, 4))])   # duplicates
+        fp = rng.uniform(0, 800, (rng.integers(0, 8), 2))
+        boxes = np.concatenate([b, np.concatenate([fp, fp + rng.uniform(5, 80, fp.shape)], 1)])
+        preds[k] = np.concatenate([boxes, rng.uniform(*score_range, (len(boxes), 1))], 1)
+    return preds
+
+
+@pytest.mark.parametrize("score_range", [(0.02, 1), (-3, 6)], ids=["probabilities", "logits"])
+def test_matches_official_transcription_on_noisy_predictions(gt, keys, score_range):
+    rng = np.random.default_rng(7)
+    subset = keys[::12][:40]
+    preds = noisy_predictions(gt, subset, rng, score_range)
     ours = evaluate(preds, gt, subset, progress=False)
-    for s in ("easy", "medium", "hard"):
-        assert ours[s] == pytest.approx(official_reference(preds, gt, subset, s), abs=1e-6)
-    assert 0.1 < ours["hard"] < 0.95 and ours["easy"] > 0.3  # a non-degenerate case
+    official = {}
+    for k, p in preds.items():   # the official input: files in score order, x y w h
+        p = p[np.argsort(-p[:, 4], kind="stable")].copy()
+        p[:, 2:4] -= p[:, :2]
+        event, name = k.split("/")
+        official.setdefault(event, {})[name] = p
+    for k in subset:             # images listed but without detections: an empty file
+        event, name = k.split("/")
+        official.setdefault(event, {}).setdefault(name, np.zeros((0, 5)))
+    for s in SETTINGS:
+        assert ours[s] == pytest.approx(official_reference(official, WIDERFACE / "ground_truth", s), abs=1e-6)
+    assert 0.2 < ours["hard"] < 0.9 and 0.4 < ours["easy"] < 0.95, ours   # a non-degenerate case
 
 
 def test_missing_folders_are_one_line_errors(tmp_path):
-    with pytest.raises(FFExportError, match="not a WIDER FACE folder .*ground_truth"):
+    for call in (find_val_images, load_ground_truth):
+        with pytest.raises(FFExportError, match="not a WIDER FACE folder .*WIDER_val/images.*ground_truth") as e:
+            call(tmp_path)
+        assert "\n" not in str(e.value) and "--widerface" in str(e.value)
+    (tmp_path / "WIDER_val" / "images" / "0--Parade").mkdir(parents=True)
+    with pytest.raises(FFExportError, match=r"missing ground_truth/wider_face_val\.mat, .*hard_val\.mat\)") as e:
         find_val_images(tmp_path)
+    assert "WIDER_val/images," not in str(e.value)   # only what is actually missing
 
 
 def test_prediction_files_round_trip(tmp_path, gt, keys):
-    preds = gt_preds(gt, keys[:20], rng=np.random.default_rng(3))
+    preds = noisy_predictions(gt, keys[:30], np.random.default_rng(3))
+    preds[keys[3]] = np.zeros((0, 5))
     write_predictions(preds, tmp_path)
+    lines = (tmp_path / f"{keys[0]}.txt").read_text().splitlines()
+    assert lines[0] == keys[0].split("/")[1] and int(lines[1]) == len(preds[keys[0]]) == len(lines) - 2
+    assert len(lines[2].split()) == 5
     back = read_predictions(tmp_path)
     assert set(back) == set(preds)
     for k in preds:
-        np.testing.assert_allclose(back[k], preds[k], atol=0.06)
+        np.testing.assert_allclose(back[k][:, :4], preds[k][:, :4], atol=0.011)   # 2 decimals, x2 = x + w
+        np.testing.assert_array_equal(back[k][:, 4], preds[k][:, 4])
+    ours, reread = evaluate(preds, gt, progress=False), evaluate(back, gt, progress=False)
+    assert all(reread[s] == pytest.approx(ours[s], abs=1e-9) for s in SETTINGS)
+    with pytest.raises(FFExportError, match="no prediction files"):
+        read_predictions(tmp_path / "empty")
