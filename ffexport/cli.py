@@ -190,9 +190,14 @@ def parity(artifact, images, limit, weights, json_out, conf):
     if runner.model not in ("v1", "v2"):
         raise FFExportError(f"{artifact} carries no ffexport model metadata: re-export it with ffexport")
     if images is None:
-        from .widerface import evaluation_images, find_widerface_root
+        import os
 
-        files = evaluation_images(find_widerface_root(None), limit)
+        from .evaluate import evaluation_keys
+
+        root = os.environ.get("FFEXPORT_WIDERFACE")
+        if not root:
+            raise FFExportError("no images to compare on: pass --images DIR or set FFEXPORT_WIDERFACE")
+        files = [p for _, p in evaluation_keys(root, limit)]
     else:
         files = _images_in(images, limit)
     ref = TorchRunner(load_model(runner.model, weights), runner.model)
