@@ -126,3 +126,9 @@ def test_unknown_artifact_type(tmp_path):
     f = tmp_path / "model.bin"
     f.write_bytes(b"\0" * 10)
     assert_one_line_error(run_cli("parity", f), "unknown artifact type .bin")
+
+
+def test_parity_defaults_to_widerface_evaluation_images(exports):
+    r = run_cli("parity", exports / "native.onnx", "--limit", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on 2 images" in r.stdout and "PASS" in r.stdout
