@@ -132,10 +132,21 @@ def _arm_measure(path, model, x, threads, runs, warmup):
 
 
 def _skip_executorch():
-    if not _have("executorch"):
-        return ("executorch is not installed, and no ExecuTorch export is wired up yet (its wheels are built "
-                "against one torch release; not validated with torch==2.13.0 here)")
-    return None
+    from .peers import executorch_available
+
+    return executorch_available()
+
+
+def _executorch(m, name, out, size):
+    from .peers import executorch_export
+
+    executorch_export(m, out, size, name)
+
+
+def _executorch_runner(path, model, threads):
+    from .peers import ExecuTorchRunner
+
+    return ExecuTorchRunner(path, threads)
 
 
 def _skip_blazeface():
@@ -170,6 +181,6 @@ TARGETS = {t.name: t for t in [
     Target("onnxruntime-arm", _cached("onnxruntime", ".onnx", _onnx), _file_runner, _skip_arm, _arm_measure),
     Target("onnxruntime-arm-int8", _cached("onnxruntime-int8", ".onnx", _onnx_int8), _file_runner, _skip_arm,
            _arm_measure),
-    Target("executorch", _torch_build, _torch_runner, _skip_executorch),
+    Target("executorch", _cached("executorch", ".pte", _executorch), _executorch_runner, _skip_executorch),
     Target("blazeface", _torch_build, _blazeface_runner, _skip_blazeface, peer=True),
 ]}

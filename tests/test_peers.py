@@ -1,19 +1,176 @@
-"""BlazeFace peer: the real .tflite from the mediapipe wheel, run in the real TFLite interpreter."""
+"""Peers: BlazeFace's real .tflite from the mediapipe wheel in the real TFLite interpreter; ExecuTorch export.
+
+einstein.jpg is a full-length photo whose face is ~95 px of 1024: letterboxed whole to 128x128 the face is
+~12 px, below what the short-range (selfie) model is made for (it scores ~0.28 there). So the short-range
+model is checked on a head-and-shoulders crop, and the whole photo with the full-range model.
+"""
+import hashlib
+import subprocess
+import zipfile
+
 import numpy as np
 import pytest
 
-pytest.importorskip("ai_edge_litert", reason="no TFLite interpreter: pip install 'ffexport[tflite]'")
+from conftest import IMAGES
+from ffexport import peers
+from ffexport.errors import FFExportError
+from models.preprocess import read_image
 
-from conftest import IMAGES  # noqa: E402
-from ffexport.peers import SHA256, BlazeFaceRunner  # noqa: E402
-from models.preprocess import read_image  # noqa: E402
+FACE = (359, 294, 455, 390)  # Einstein's face in einstein.jpg (x1, y1, x2, y2), by eye and by both models
 
 
-def test_blazeface_finds_a_face_and_not_a_blank():
-    import hashlib
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
 
-    runner = BlazeFaceRunner(threads=1)
-    assert hashlib.sha256(runner.path.read_bytes()).hexdigest() == SHA256
-    face = runner.max_score(BlazeFaceRunner.prepare(read_image(IMAGES / "astronaut.png")))
-    blank = runner.max_score(BlazeFaceRunner.prepare(np.full((300, 300, 3), 128, np.uint8)))
-    assert face > 0.7 and blank < 0.5, (face, blank)
+
+def _iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def models():
+    try:
+        return {v: peers.blazeface_model(v) for v in peers.VARIANTS}
+    except FFExportError as e:
+        pytest.skip(f"the mediapipe wheel could not be fetched: {e}")
+
+
+@pytest.fixture(scope="module")
+def short(models):
+    pytest.importorskip("ai_edge_litert", reason="no TFLite interpreter: pip install 'ffexport[tflite]'")
+    return peers.BlazeFaceRunner(models["short_range"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def einstein():
+    return read_image(IMAGES / "einstein.jpg")
+
+
+def test_models_are_extracted_and_verified(models):
+    for name, path in models.items():
+        assert path.is_file() and _sha(path) == peers.VARIANTS[name].sha256, name
+    assert peers.SHA256 == peers.VARIANTS["short_range"].sha256
+
+
+def test_fetch_from_the_wheel_into_an_empty_cache(tmp_path, monkeypatch):
+    """The real path: pip download of mediapipe 0.10.21, both files extracted, sha256-checked, cached."""
+    monkeypatch.setenv("FFEXPORT_CACHE", str(tmp_path))
+    monkeypatch.setattr(peers, "_packaged", lambda v: None)  # even where mediapipe is installed
+    try:
+        path = peers.blazeface_model("short_range")
+    except FFExportError as e:
+        pytest.skip(f"the mediapipe wheel could not be fetched: {e}")
+    assert path == tmp_path / "peers" / "face_detection_short_range.tflite"
+    full = tmp_path / "peers" / peers.VARIANTS["full_range"].file
+    assert _sha(path) == peers.SHA256 and _sha(full) == peers.VARIANTS["full_range"].sha256
+    path.write_bytes(b"corrupt")  # a damaged cache entry is fetched again, not used
+    monkeypatch.setenv(peers.WHEEL_ENV, str(tmp_path / "nowhere.whl"))
+    with pytest.raises(FFExportError, match="is not a file"):
+        peers.blazeface_model("short_range")
+    assert peers.blazeface_model("full_range") == full  # the intact one still comes from the cache
+
+
+def _fake_wheel(tmp_path, content=b"not blazeface"):
+    wheel = tmp_path / peers.WHEEL_FILE
+    with zipfile.ZipFile(wheel, "w") as z:
+        for v in peers.VARIANTS.values():
+            z.writestr(peers.MEMBER_DIR + v.file, content)
+    return wheel
+
+
+def test_wrong_file_in_the_wheel_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FFEXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(peers, "_packaged", lambda v: None)
+    monkeypatch.setenv(peers.WHEEL_ENV, str(_fake_wheel(tmp_path)))
+    with pytest.raises(FFExportError, match="sha256") as e:
+        peers.blazeface_model()
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "cache" / "peers").iterdir())
+
+
+@pytest.mark.parametrize("stderr, match", [
+    ("/usr/bin/python3: No module named pip", "has no pip: run .* -m ensurepip"),
+    ("ERROR: Could not find a version that satisfies the requirement mediapipe==0.10.21", "check access to PyPI"),
+])
+def test_pip_failures_are_one_line_with_a_fix(tmp_path, monkeypatch, stderr, match):
+    monkeypatch.setenv("FFEXPORT_CACHE", str(tmp_path))
+    monkeypatch.delenv(peers.WHEEL_ENV, raising=False)
+    monkeypatch.setattr(peers, "_packaged", lambda v: None)
+    monkeypatch.setattr(peers.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, stdout="", stderr=stderr))
+    with pytest.raises(FFExportError, match=match) as e:
+        peers.blazeface_model()
+    assert "\n" not in str(e.value) and peers.WHEEL_ENV in str(e.value)
+
+
+def test_unknown_variant():
+    with pytest.raises(FFExportError, match="short_range, full_range"):
+        peers.blazeface_model("long_range")
+
+
+def test_runner_shape_and_outputs(short):
+    assert (short.kind, short.model, short.input_size) == ("tflite", "blazeface", (128, 128))
+    x = short.prepare(np.zeros((50, 80, 3), np.uint8))
+    assert x.shape == (1, 128, 128, 3) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
+    reg, cls = short(short.prepare_random(np.random.default_rng(0)))
+    assert reg.shape == (1, 896, 16) and cls.shape == (1, 896, 1) and reg.dtype == np.float32
+    assert len(peers._anchors(short.variant)) == 896
+
+
+def test_short_range_finds_the_face_and_not_a_blank(short, einstein):
+    head = einstein[190:490, 257:557]  # 300x300 head-and-shoulders crop: a selfie-sized face
+    face = short.max_score(short.prepare(head))
+    blank = short.max_score(short.prepare(np.full((300, 300, 3), 128, np.uint8)))
+    assert face > 0.7 and blank < 0.3 and face > blank + 0.5, (face, blank)
+    dets = short.detect(head)
+    assert len(dets) == 1
+    box = dets[0, :4] + [257, 190, 257, 190]
+    assert _iou(box, FACE) > 0.6, box
+
+
+def test_full_range_finds_the_face_in_the_whole_photo(models, einstein):
+    pytest.importorskip("ai_edge_litert", reason="no TFLite interpreter: pip install 'ffexport[tflite]'")
+    full = peers.BlazeFaceRunner(models["full_range"], threads=1)
+    assert full.input_size == (192, 192)
+    dets = full.detect(einstein)
+    assert len(dets) == 1 and dets[0, 4] > 0.5, dets
+    assert _iou(dets[0, :4], FACE) > 0.6, dets
+    assert full.max_score(full.prepare(np.full((300, 300, 3), 128, np.uint8), 192)) < 0.3
+
+
+def test_missing_interpreter_is_one_line(monkeypatch, models):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_litert(name, *a, **k):
+        if name.startswith("ai_edge_litert"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_litert)
+    with pytest.raises(FFExportError, match=r"pip install 'ffexport\[tflite\]'"):
+        peers.BlazeFaceRunner(models["short_range"])
+
+
+def test_executorch_roundtrip(tmp_path):
+    """Only where a validated executorch (1.4 or 1.5 with torch 2.13) is installed; else the skip reason is checked."""
+    reason = peers.executorch_available()
+    if reason:
+        assert "\n" not in reason and "executorch" in reason
+        with pytest.raises(FFExportError):
+            peers.ExecuTorchRunner(tmp_path / "x.pte")
+        pytest.skip(reason)
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    out = peers.executorch_export(m, tmp_path / "tiny.pte", (32, 48))
+    r = peers.ExecuTorchRunner(out, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 48)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    assert r.input_size == (32, 48) and r.meta["input_size"] == "32x48"
+    np.testing.assert_allclose(r(x)[0], ref, atol=1e-5)
