@@ -1,16 +1,25 @@
-"""TFLite export: litert-torch (PyTorch -> TFLite) for fp32, ai-edge-quantizer for int8 / fp16 weights.
+"""TFLite export: litert-torch (PyTorch -> TFLite), ai-edge-quantizer for int8 / fp16 weights.
 
-Why this converter (see README "TFLite"): litert-torch converts every DCN form here with outputs
-within ~5e-5 of PyTorch; onnx2tf would need TensorFlow and a second graph translation. Its own PT2E
-int8 path failed on the DCN forms in a probe, so int8 is done on the converted flatbuffer with
-ai-edge-quantizer (int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / BATCH_MATMUL, calibrated on the
-calibration set; the grid-sample sampling math stays float). Runs with the ai-edge-litert interpreter
-(XNNPACK). ffexport's metadata is embedded in the flatbuffer's metadata table as JSON ("ffexport").
+The deformable convolutions decide TFLite cost: TFLite has no deformable or grid-sample op, so the
+"grid" and "gather" forms of models/dcn.py lower to huge index constants and per-element GATHER_ND
+(1.4 s / 1.0 s a 640x640 frame at 1 thread). The default here is the "rows" form, written for TFLite:
+features as (H*W, C) rows with a zero border, ONE row gather (EMBEDDING_LOOKUP) of the four bilinear
+corners of every sampling point, a weighted sum, and a FULLY_CONNECTED with the conv weight
+(K*C -> O). Same semantics as torchvision's deform_conv2d (max error ~1e-5), tens of ms a frame,
+the file the size of the weights; its FULLY_CONNECTED is int8-quantizable.
+
+int8: litert-torch's own PT2E int8 fails on the DCN sampling, so ai-edge-quantizer quantizes the
+converted flatbuffer: static int8 (calibrated on the calibration set) for CONV_2D, DEPTHWISE_CONV_2D
+and FULLY_CONNECTED; the DCN offset/modulator convs, the output heads, the sampling math
+(coordinates, gather, bilinear weights) and I/O stay float.
+Runs with the ai-edge-litert interpreter (XNNPACK). ffexport's metadata is embedded in the
+flatbuffer's metadata table as JSON ("ffexport").
 """
 import json
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -22,10 +31,14 @@ from .meta import artifact_metadata
 from .runtime import Runner
 
 META_KEY = "ffexport"
+DCN_FORMS = ("rows", "grid", "gather", "plain")
+# int8 leaves these convs float (matched by output-tensor name, which litert-torch builds from the module
+# path): DCN offset/modulator convs (int8 sampling coordinates) and the output heads.
+FLOAT_CONVS = r"^(?!.*(offset_conv|modulator_conv|Head))"
 
 
 def log(msg):
-    print(msg, file=sys.stderr)
+    print(f"[tflite] {msg}", file=sys.stderr, flush=True)
 
 
 def _need(module, what="TFLite export"):
@@ -37,6 +50,67 @@ def _need(module, what="TFLite export"):
         raise FFExportError(f"{what} needs {module.split('.')[0]}: pip install 'ffexport[tflite]'") from None
 
 
+def _rows_forward(self, x):
+    """DCNv2 (torchvision semantics) as one row gather + FULLY_CONNECTED: the TFLite-friendly form."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.dcn import _sampling_points
+
+    offset = self.offset_conv(x)
+    mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
+    w = self.regular_conv.weight
+    o, c, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    py, px = _sampling_points(offset, h, wd, kh, kw, self.stride, self.padding, (1, 1))
+    k, ho, wo = py.shape[1:]
+    # A zero border (1 before, 2 after) keeps every corner index in range; coordinates clamped to
+    # [-1, size] then read zeros exactly where torchvision samples outside the image.
+    hp, wp = h + 3, wd + 3
+    rows = F.pad(x, (1, 2, 1, 2)).permute(0, 2, 3, 1).reshape(n * hp * wp, c)
+    py = py.clamp(-1, h).permute(0, 2, 3, 1)  # (N, Ho, Wo, K): rows come out (position, kernel point)
+    px = px.clamp(-1, wd).permute(0, 2, 3, 1)
+    m = mask.permute(0, 2, 3, 1)
+    y0, x0 = torch.floor(py), torch.floor(px)
+    ly, lx = py - y0, px - x0
+    a, b = (1 - ly) * m, ly * m
+    weights = (a * (1 - lx), a * lx, b * (1 - lx), b * lx)
+    base = ((y0 + 1) * wp + (x0 + 1)).to(torch.int32)
+    if n > 1:
+        base = base + (torch.arange(n, dtype=torch.int32) * (hp * wp)).view(n, 1, 1, 1)
+    corners = torch.tensor([0, 1, wp, wp + 1], dtype=torch.int32)
+    idx = (base.reshape(1, -1) + corners.view(4, 1)).reshape(-1)  # corner-major: 4 contiguous blocks
+    v = F.embedding(idx, rows).reshape(4, -1, c)
+    cols = v[0] * weights[0].reshape(-1, 1)
+    for i in (1, 2, 3):
+        cols = cols + v[i] * weights[i].reshape(-1, 1)
+    # (position, K*C) x (K*C, O): the conv weight reordered (O, kh, kw, C) to match.
+    out = F.linear(cols.reshape(n * ho * wo, k * c), w.permute(0, 2, 3, 1).reshape(o, k * c))
+    return out.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
+
+
+class _dcn_form:
+    """Put the model's DCN blocks in `form` for the conversion; restore the "grid" form after."""
+
+    def __init__(self, model, form):
+        from models.dcn import DeformableConv2d, set_dcn_form
+
+        self.set, self.model, self.form = set_dcn_form, model, form
+        self.blocks = [m for m in model.modules() if isinstance(m, DeformableConv2d)]
+
+    def __enter__(self):
+        self.set(self.model, "grid" if self.form == "rows" else self.form)
+        if self.form == "rows":
+            for m in self.blocks:
+                m.forward = types.MethodType(_rows_forward, m)
+        return self.model
+
+    def __exit__(self, *exc):
+        for m in self.blocks:
+            m.__dict__.pop("forward", None)
+        self.set(self.model, "grid")
+
+
 def embed_metadata(path, meta: dict):
     fb = _need("ai_edge_litert.tools.flatbuffer_utils")
     schema = _need("ai_edge_litert.schema_py_generated")
@@ -46,14 +120,14 @@ def embed_metadata(path, meta: dict):
     model.buffers.append(buf)
     entry = schema.MetadataT()
     entry.name, entry.buffer = META_KEY, len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name not in (META_KEY, b"ffexport")] + [entry]
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (META_KEY, META_KEY.encode())] + [entry]
     fb.write_model(model, str(path))
 
 
 def read_metadata(path) -> dict:
     schema = _need("ai_edge_litert.schema_py_generated", "Reading .tflite files")
-    data = Path(path).read_bytes()
     try:
+        data = Path(path).read_bytes()
         if data[4:8] != b"TFL3":  # the flatbuffer file identifier of every .tflite
             raise ValueError("no TFL3 identifier")
         model = schema.Model.GetRootAs(data, 0)
@@ -66,44 +140,50 @@ def read_metadata(path) -> dict:
     return {}
 
 
-def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=None, calib_size=100, dcn="grid"):
+def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=None, calib_size=100, dcn="rows"):
+    """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static)."""
     import torch
 
-    from models.dcn import set_dcn_form
-
-    litert_torch = _need("litert_torch")
-    if dcn not in ("grid", "gather", "plain"):
-        raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use grid, gather or plain")
+    if dcn not in DCN_FORMS:
+        raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use {', '.join(DCN_FORMS)}")
     if quantize not in (None, "int8", "fp16"):
         raise FFExportError(f"unknown --quantize {quantize}: use int8 or fp16")
-    set_dcn_form(model, dcn)
+    litert_torch = _need("litert_torch")
+    if quantize:
+        _need("ai_edge_quantizer.quantizer")
     t0 = time.time()
-    log(f"converting with litert-torch (dcn={dcn}, {input_size[0]}x{input_size[1]}); this takes a minute or two...")
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmpdir:
-        warnings.simplefilter("ignore")
+    h, w = input_size
+    log(f"1/3 converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
+    with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = Path(tmpdir) / "fp32.tflite"
-        litert_torch.convert(model, (torch.zeros(1, 3, *input_size),)).export(str(fp32))
-        set_dcn_form(model, "grid")
+        with warnings.catch_warnings(), _dcn_form(model, dcn), torch.no_grad():
+            warnings.simplefilter("ignore")
+            try:
+                litert_torch.convert(model.eval(), (torch.zeros(1, 3, h, w),)).export(str(fp32))
+            except Exception as e:
+                raise FFExportError(f"litert-torch could not convert {name} with --dcn {dcn} "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:150]}): try --dcn rows") from None
+        log(f"   converted in {time.time() - t0:.0f} s")
         path, extra = fp32, {}
         if quantize:
+            log(f"2/3 quantizing ({quantize}) with ai-edge-quantizer...")
             path, extra = _quantize(fp32, Path(tmpdir), quantize, input_size, calib, calib_size)
+        log("3/3 embedding metadata and writing")
         meta = artifact_metadata(model, name, input_size, dcn, quantization=quantize or "none", **extra)
         embed_metadata(path, meta)
         with atomic_output(out) as tmp:
             Path(tmp).write_bytes(path.read_bytes())
-    log(f"wrote {out} (TFLite, {quantize or 'fp32'}, {Path(out).stat().st_size / 1e6:.1f} MB, "
-        f"{time.time() - t0:.0f} s)")
+    log(f"wrote {out} (TFLite {quantize or 'fp32'}, {Path(out).stat().st_size / 1e6:.1f} MB, {time.time() - t0:.0f} s)")
 
 
 def _quantize(fp32, tmpdir, mode, size, calib, calib_size):
     qz = _need("ai_edge_quantizer.quantizer")
     Op = _need("ai_edge_quantizer.qtyping").TFLOperationName
     q = qz.Quantizer(str(fp32))
-    ops = (Op.CONV_2D, Op.DEPTHWISE_CONV_2D, Op.FULLY_CONNECTED, Op.BATCH_MATMUL)
+    ops = (Op.CONV_2D, Op.DEPTHWISE_CONV_2D, Op.FULLY_CONNECTED)
     extra = {}
     if mode == "fp16":
-        # float_casting covers convolutions and fully-connected layers (not BATCH_MATMUL, the DCN column op).
-        for op in ops[:3]:
+        for op in ops:
             q.add_weight_only_config(regex=".*", operation_name=op, num_bits=16, algorithm_key="float_casting")
         result = q.quantize()
         extra["fp16_note"] = "fp16 weights for CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED, fp32 compute"
@@ -113,31 +193,45 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size):
         root = calibration.find_widerface(calib)
         batch = calibration.load_batch(root, calib_size, size)
         for op in ops:
-            q.add_static_config(regex=".*", operation_name=op, activation_num_bits=8, weight_num_bits=8)
-        log(f"calibrating int8 on {len(batch)} images...")
+            # The offset / modulator convs stay float: int8 sampling coordinates cost detections.
+            regex = FLOAT_CONVS if op == Op.CONV_2D else ".*"
+            q.add_static_config(regex=regex, operation_name=op, activation_num_bits=8, weight_num_bits=8)
+        log(f"   calibrating on {len(batch)} images...")
         result = q.quantize(q.calibrate({"serving_default": [{"args_0": x[None]} for x in batch]}))
         extra["calibration"] = f"{len(batch)} images from {Path(root).name}, min-max"
-        extra["int8_ops"] = "CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL (I/O and sampling stay float)"
+        extra["int8_ops"] = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED; float: I/O, DCN offset/modulator "
+                             "convs, heads and sampling")
     out = tmpdir / f"{mode}.tflite"
     result.export_model(str(out), overwrite=True)
     return out, extra
 
 
+def _interpreter():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        if int(np.__version__.split(".")[0]) < 2:  # tflite-runtime wheels are built against numpy 1.x
+            from tflite_runtime.interpreter import Interpreter
+            return Interpreter
+    except ImportError:
+        pass
+    raise FFExportError("running .tflite files needs ai-edge-litert: pip install 'ffexport[tflite]'")
+
+
 class TFLiteRunner(Runner):
+    """float32 NCHW in, float32 (1,N,4)/(1,N,2)/(1,N,10) out, whatever the file's layout and I/O types."""
+
     kind = "tflite"
 
     def __init__(self, path, threads=None):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            try:
-                from tflite_runtime.interpreter import Interpreter  # numpy < 2 only
-            except ImportError:
-                raise FFExportError("running .tflite files needs ai-edge-litert: pip install 'ffexport[tflite]'") \
-                    from None
+        Interpreter = _interpreter()
         meta = read_metadata(path)
-        self.path, self.model = Path(path), meta.get("model")
-        self.precision = {"none": "fp32", None: "fp32"}.get(meta.get("quantization"), meta.get("quantization"))
+        self.path, self.model, self.meta = Path(path), meta.get("model"), meta
+        q = meta.get("quantization")
+        self.precision = "fp32" if q in (None, "none") else q
         try:
             self.interp = Interpreter(str(path), num_threads=threads or 1)
             self.interp.allocate_tensors()
@@ -145,12 +239,39 @@ class TFLiteRunner(Runner):
             raise FFExportError(f"{path} cannot be loaded by the TFLite interpreter ({str(e)[:120]}): "
                                 f"re-export it with 'ffexport tflite'") from None
         self.inp = self.interp.get_input_details()[0]
-        self.input_size = tuple(int(v) for v in self.inp["shape"][2:])
-        # Outputs come back in the model's order: loc, conf, landmarks (by their last dimension).
-        outs = sorted(self.interp.get_output_details(), key=lambda d: {4: 0, 2: 1, 10: 2}[int(d["shape"][-1])])
-        self.outs = [d["index"] for d in outs]
+        shape = tuple(int(v) for v in self.inp["shape"])
+        self.nhwc = len(shape) == 4 and shape[3] == 3 and shape[1] != 3
+        self.input_size = shape[1:3] if self.nhwc else shape[2:4]
+        # Outputs in the model's order loc, conf, landmarks, told apart by their last dimension.
+        try:
+            self.outs = sorted(self.interp.get_output_details(), key=lambda d: {4: 0, 2: 1, 10: 2}[int(d["shape"][-1])])
+        except KeyError:
+            raise FFExportError(f"{path} is not a FeatherFace TFLite model (unexpected outputs): "
+                                f"re-export it with 'ffexport tflite'") from None
 
     def __call__(self, x):
-        self.interp.set_tensor(self.inp["index"], np.ascontiguousarray(x, np.float32))
+        x = np.asarray(x, np.float32)
+        h, w = self.input_size
+        if x.shape != (1, 3, h, w):
+            raise FFExportError(f"{self.path.name} takes a (1, 3, {h}, {w}) float32 input, got {x.shape}: "
+                                f"letterbox the image to {h}x{w} (models.preprocess.prepare)")
+        if self.nhwc:
+            x = x.transpose(0, 2, 3, 1)
+        self.interp.set_tensor(self.inp["index"], _quant(x, self.inp))
         self.interp.invoke()
-        return tuple(self.interp.get_tensor(i) for i in self.outs)
+        return tuple(_dequant(self.interp.get_tensor(d["index"]), d) for d in self.outs)
+
+
+def _quant(x, detail):
+    if detail["dtype"] == np.float32:
+        return np.ascontiguousarray(x)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequant(y, detail):
+    if y.dtype == np.float32:
+        return y
+    scale, zero = detail["quantization"]
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)

@@ -1,7 +1,8 @@
 """Post-training quantization of the ONNX export: int8 (onnxruntime static QDQ) and fp16.
 
 Which nodes run in int8 is decided in two steps, and every node kept in float is logged with why:
-1. Op support, declared per op type (SUPPORT): only compute-bound ops with int8 kernels are candidates.
+1. Op support, declared per op kind (SUPPORT): only compute-bound ops whose int8 kernel is faster than
+   the float one are candidates (a Conv is split into its kinds: regular, depthwise, RGB input).
 2. Measurement, in rounds: quantize every candidate, run float and int8 side by side on calibration
    images, find the nodes where the signal is lost (SQNR in minus SQNR out), keep the worst in float,
    and repeat until the outputs reach a target SQNR.
@@ -29,9 +30,15 @@ class OpSupport:
     why: str = ""
 
 
-# One entry per op type that matters; anything else stays float for the DEFAULT reason.
+# One entry per op kind that matters; anything else stays float for the DEFAULT reason.
 SUPPORT = {s.op_type: s for s in [
     OpSupport("Conv", True),
+    # The two Conv kinds below were timed per node with onnxruntime's profiler (1.32, x86 AVX-512 VNNI,
+    # 640x640, 1 thread): the int8 kernel is slower than the float NCHWc kernel with fused activation.
+    OpSupport("Conv/depthwise", False, "onnxruntime's int8 depthwise kernel is slower than its float one "
+                                       "(stage1.1 depthwise: 1.87 vs 1.09 ms measured)"),
+    OpSupport("Conv/rgb", False, "3-channel input conv: the int8 kernel is slower than the float one "
+                                 "(2.99 vs 1.82 ms measured)"),
     OpSupport("MatMul", True),
     OpSupport("DeformConv", False, "no int8 DeformConv kernel in onnxruntime (its offset/mask convs are int8)"),
     OpSupport("GridSample", False, "DCN sampling coordinates need sub-pixel precision: int8 grids move samples by "
@@ -46,6 +53,17 @@ DEFAULT = OpSupport("*", False, "elementwise/data-movement op: no int8 speed-up,
 
 def support(op_type: str) -> OpSupport:
     return SUPPORT.get(op_type, DEFAULT)
+
+
+def op_kind(node, weights: dict) -> str:
+    """node.op_type, refined for Conv by its weight shape (O, I/group, kh, kw) and group."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+        return node.op_type
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    dims = weights[node.input[1]].dims
+    if group > 1 and dims[1] == 1:
+        return "Conv/depthwise"
+    return "Conv/rgb" if dims[1] * group <= 3 else "Conv"
 
 
 # ---- measurement: small pure functions (as onnxruntime's qdq_loss_debug) ----
@@ -79,9 +97,12 @@ class Plan:
 
 
 def candidates(graph):
-    """Nodes the op-support table allows in int8; the rest stay float with their op's reason."""
-    floats = {n.name: f"{n.op_type}: {support(n.op_type).why}" for n in graph.node if not support(n.op_type).int8}
-    return [n for n in graph.node if support(n.op_type).int8], floats
+    """Nodes the op-support table allows in int8; the rest stay float with their kind's reason."""
+    weights = {t.name: t for t in graph.initializer}
+    kinds = {n.name: op_kind(n, weights) for n in graph.node}
+    floats = {n.name: f"{kinds[n.name]}: {support(kinds[n.name]).why}" for n in graph.node
+              if not support(kinds[n.name]).int8}
+    return [n for n in graph.node if support(kinds[n.name]).int8], floats
 
 
 EXACT_DB = 60.0  # SQNR assigned to a tensor that is exact in both runs (a graph input, float-only inputs)
@@ -112,7 +133,7 @@ def output_sqnr(float_outs, quant_outs):
     return conf, min(loc)
 
 
-def plan_int8(pre_path, batch, quantize, target_db=45.0, max_rounds=4, step=6) -> Plan:
+def plan_int8(pre_path, batch, quantize, target_db=50.0, max_rounds=8, step=6) -> Plan:
     """Quantize, measure where the signal is lost, keep the worst nodes in float, repeat until the
     calibration-set outputs reach `target_db` (conf SQNR) or `max_rounds` is spent."""
     import onnx
@@ -178,7 +199,7 @@ class _Reader:
 
 
 def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False, opset=19, dcn="auto", calib=None,
-                  calib_size=100, method="percentile", per_channel=True, target_db=45.0, max_rounds=4):
+                  calib_size=100, method="percentile", per_channel=True, target_db=50.0, max_rounds=8):
     """Export `model` to ONNX and quantize it; writes `out` atomically."""
     import onnx
 
@@ -202,7 +223,7 @@ def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False,
     log(f"wrote {out} ({mode}, {Path(out).stat().st_size / 1e6:.2f} MB)")
 
 
-def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db, max_rounds=4):
+def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db, max_rounds=8):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

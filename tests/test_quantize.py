@@ -7,7 +7,7 @@ import pytest
 
 from conftest import IMAGES
 from ffexport.parity import compare
-from ffexport.quantize import support
+from ffexport.quantize import op_kind, support
 from ffexport.runtime import OnnxRunner, TorchRunner
 from helpers import assert_one_line_error, run_cli
 
@@ -29,21 +29,21 @@ def test_int8_graph_quantized_where_measured(int8):
     assert ops["QuantizeLinear"] > 50 and ops["DeformConv"] == 15
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["quantization"] == "int8" and meta["model"] == "v2" and "32 images" in meta["calibration"]
-    assert int(meta["int8_nodes"]) >= 60
+    assert int(meta["int8_nodes"]) >= 30
     # Every node kept in float is reported with a reason.
     assert "DeformConv: no int8 DeformConv kernel" in log and "kept in float" in log
+    assert "Conv/depthwise: onnxruntime's int8 depthwise kernel is slower" in log and "Conv/rgb" in log
     assert "int8 loses" in log and "dB" in log
 
 
 def test_int8_detections_match_pytorch(int8, v2_model):
-    """On WIDER FACE the default int8 V2 is within 0.3 AP of fp32 (benchmarks/RESULTS.md). On these crowd
-    photos, dense with tiny faces near the 0.5 threshold, detection-level AP vs PyTorch measured 0.81-0.96
-    depending on the calibration draw: the issue's 0.95 is not met reliably, and `parity` says so. This
-    floor catches regressions from there."""
+    """The issue's detection-level target: AP of int8 detections against PyTorch's >= 0.95 on the shared
+    photos (dense crowds of tiny faces near the threshold). Measured 0.973 with this 32-image calibration,
+    0.980 with the default 100; the planner's 50 dB conf-SQNR target is what gets it there (45 dB: 0.93)."""
     report = compare(TorchRunner(v2_model, "v2"), OnnxRunner(int8[0]), REAL, precision="int8", progress=False)
     assert report.precision == "int8"
-    assert report.detections["ap"] >= 0.75 and report.detections["matched"] >= 0.75, report.summary()
-    assert report.tensors["conf"]["cosine"] > 0.999
+    assert report.detections["ap"] >= 0.95 and report.detections["matched"] >= 0.95, report.summary()
+    assert report.tensors["conf"]["cosine"] > 0.9999
 
 
 def test_parity_cli_uses_int8_tolerances(int8, tmp_path):
@@ -54,8 +54,18 @@ def test_parity_cli_uses_int8_tolerances(int8, tmp_path):
 
 def test_op_support_table_explains_float_ops():
     assert support("Conv").int8 and support("MatMul").int8
-    for op in ("DeformConv", "GridSample", "Floor", "Softmax", "Mul"):
+    for op in ("DeformConv", "GridSample", "Floor", "Softmax", "Mul", "Conv/depthwise", "Conv/rgb"):
         assert not support(op).int8 and support(op).why
+
+
+def test_conv_kinds_on_the_real_graph(tmp_path, v2_model):
+    from ffexport.export_onnx import export_onnx
+
+    graph = export_onnx(v2_model, "v2", tmp_path / "v2.onnx", (320, 320)).graph
+    weights = {t.name: t for t in graph.initializer}
+    kinds = collections.Counter(op_kind(n, weights) for n in graph.node if n.op_type == "Conv")
+    # MobileNetV1-0.25: one RGB stem, 13 depthwise convs; BiFPN separable convs add depthwise ones.
+    assert kinds["Conv/rgb"] == 1 and kinds["Conv/depthwise"] >= 13 and kinds["Conv"] > 50
 
 
 def test_fp16_export(tmp_path, v2_model):
