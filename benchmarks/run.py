@@ -44,10 +44,15 @@ def evaluate(artifact=None, model=None, tag=""):
     return json.loads(out.read_text())
 
 
-def section_accuracy():
-    """V1/V2 Easy/Medium/Hard: PyTorch vs ONNX fp32 (dynamic, native resolution) vs ONNX int8 (640)."""
-    res = {}
+def section_accuracy(int8_only=False):
+    """V1/V2 Easy/Medium/Hard: PyTorch vs ONNX fp32 (dynamic, native resolution) vs ONNX int8 (640).
+    int8_only: re-quantize and re-evaluate the int8 rows only, keeping the recorded fp32 rows."""
+    res = load("accuracy") if int8_only else {}
     for m in ("v1", "v2"):
+        if int8_only:
+            ffexport("onnx", "--model", m, "--quantize", "int8", "-o", ART / f"{m}_int8.onnx")
+            res[f"{m}/onnx-int8-640"] = evaluate(ART / f"{m}_int8.onnx", tag=f"{m}-int8")
+            continue
         ffexport("onnx", "--model", m, "--dynamic", "-o", ART / f"{m}_dynamic.onnx")
         res[f"{m}/pytorch"] = evaluate(model=m, tag=f"{m}-pytorch")
         res[f"{m}/onnx-fp32"] = evaluate(ART / f"{m}_dynamic.onnx", tag=f"{m}-onnx")
@@ -59,15 +64,15 @@ def section_accuracy():
 
 
 def section_tflite_accuracy():
-    """TFLite fp32 vs int8 AP at 320x320 (the grid DCN runs ~0.4 s/frame there, ~1.4 s at 640)."""
+    """TFLite (default "rows" DCN) fp32 vs int8 AP at 640x640, beside ONNX fp32 at the same input."""
     res = {}
     for q in (None, "int8"):
-        out = ART / f"v2_320{'_' + q if q else ''}.tflite"
-        ffexport("tflite", "--model", "v2", "--input-size", "320x320", *(["--quantize", q] if q else []), "-o", out)
-        res[q or "fp32"] = evaluate(out, tag=out.stem)
-    out = ART / "v2_320.onnx"
-    ffexport("onnx", "--model", "v2", "--input-size", "320x320", "-o", out)
-    res["onnx-fp32"] = evaluate(out, tag=out.stem)
+        out = ART / f"v2_640{'_' + q if q else ''}.tflite"
+        ffexport("tflite", "--model", "v2", *(["--quantize", q] if q else []), "-o", out)
+        res[f"TFLite {q or 'fp32'}"] = evaluate(out, tag=out.stem)
+    acc = load("accuracy")
+    if acc:
+        res["ONNX fp32 (accuracy section)"] = acc["v2/onnx-fp32-640"]
     save("tflite_accuracy", res)
 
 
@@ -82,49 +87,58 @@ def section_plain():
 
 
 def section_int8_table():
-    """Calibration method x per-channel x calibration size -> AP (640 letterbox) and latency."""
-    rows = []
-    # method x weight granularity at 100 images, and the calibration size for the default method.
-    # The default (percentile, per-channel, 100 images) is the accuracy section's int8 row.
-    default = load("accuracy")["v2/onnx-int8-640"]
-    rows.append({"method": "percentile (default)", "weights": "per-channel", "calib_images": 100,
-                 "quantize_s": None, "easy": default["easy"], "medium": default["medium"], "hard": default["hard"],
-                 **json.loads(ffexport_bench_file(ART / "v2_int8.onnx", runs=30))})
-    configs = [("percentile", "--per-tensor", 100), ("minmax", "--per-channel", 100), ("percentile", "--per-channel", 32)]
-    for method, per_channel, size in configs:
-        out = ART / f"v2_int8_{method}_{per_channel[2:]}_{size}.onnx"
+    """Calibration method x weight granularity x calibration size x planner target -> AP (640) and latency.
+
+    Every file is timed in one process, interleaved run by run, so the ratios to fp32 are comparable."""
+    acc = load("accuracy")
+    rows = [{"method": "fp32 (no quantization)", "weights": "-", "calib_images": None, "target_db": None,
+             "quantize_s": None, **{k: acc["v2/onnx-fp32-640"][k] for k in ("easy", "medium", "hard")}},
+            # The default (percentile, per-channel, 100 images, 50 dB) is the accuracy section's int8 row.
+            {"method": "percentile (default)", "weights": "per-channel", "calib_images": 100, "target_db": 50,
+             "quantize_s": None, **{k: acc["v2/onnx-int8-640"][k] for k in ("easy", "medium", "hard")}}]
+    files = [ART / "v2_640.onnx", ART / "v2_int8.onnx"]
+    configs = [("percentile", "--per-tensor", 100, 50), ("minmax", "--per-channel", 100, 50),
+               ("percentile", "--per-channel", 32, 50), ("percentile", "--per-channel", 100, 45)]
+    for method, per_channel, size, target in configs:
+        out = ART / f"v2_int8_{method}_{per_channel[2:]}_{size}_{target}dB.onnx"
         t0 = time.time()
         proc = ffexport("onnx", "--model", "v2", "--quantize", "int8", "--calib-method", method, per_channel,
-                        "--calib-size", size, "-o", out, check=False)
+                        "--calib-size", size, "--target-db", target, "-o", out, check=False)
+        row = {"method": method, "weights": per_channel[2:], "calib_images": size, "target_db": target}
         if proc.returncode != 0:
-            rows.append({"method": method, "weights": per_channel[2:], "calib_images": size, "status": "failed"})
+            rows.append({**row, "status": "failed"})
             continue
-        seconds = time.time() - t0
         r = evaluate(out, tag=out.stem)
-        lat = json.loads(ffexport_bench_file(out, runs=30))
-        rows.append({"method": method, "weights": per_channel[2:], "calib_images": size,
-                     "quantize_s": round(seconds, 1), "easy": r["easy"], "medium": r["medium"],
-                     "hard": r["hard"], **lat})
+        rows.append({**row, "quantize_s": round(time.time() - t0, 1), "easy": r["easy"], "medium": r["medium"],
+                     "hard": r["hard"]})
+        files.append(out)
+    timed = iter(time_onnx_files(files))
+    for row in rows:
+        if row.get("status") != "failed":
+            row.update(next(timed))
     save("int8_table", rows)
 
 
-def ffexport_bench_file(path, runs=50):
-    """Median latency (1 and 2 threads) of one ONNX file, in a fresh process."""
+def time_onnx_files(paths, runs=50):
+    """Median latency (1 and 2 threads, 640x640) of each ONNX file, interleaved run by run in one process."""
     code = f"""
 import json, time, numpy as np, onnxruntime as ort
-out = {{}}
+paths = {[str(p) for p in paths]!r}
+out = [{{}} for _ in paths]
+x = np.random.default_rng(0).integers(0, 255, (1, 3, 640, 640)).astype(np.float32) - 117
 for th in (1, 2):
     o = ort.SessionOptions(); o.intra_op_num_threads = th; o.inter_op_num_threads = 1
-    s = ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider'])
-    x = np.random.default_rng(0).integers(0, 255, (1, 3, 640, 640)).astype(np.float32) - 117
-    for _ in range(10): s.run(None, {{'input': x}})
-    t = []
-    for _ in range({runs}):
-        a = time.perf_counter(); s.run(None, {{'input': x}}); t.append((time.perf_counter() - a) * 1000)
-    out[f'median_ms_{{th}}t'] = round(float(np.median(t)), 2)
+    sess = [ort.InferenceSession(p, o, providers=['CPUExecutionProvider']) for p in paths]
+    t = [[] for _ in paths]
+    for r in range({runs} + 10):
+        for i, s in enumerate(sess):
+            a = time.perf_counter(); s.run(None, {{'input': x}})
+            if r >= 10: t[i].append((time.perf_counter() - a) * 1000)
+    for i in range(len(paths)):
+        out[i][f'median_ms_{{th}}t'] = round(float(np.median(t[i])), 2)
 print(json.dumps(out))
 """
-    return subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True).stdout
+    return json.loads(subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True).stdout)
 
 
 def section_bench():
@@ -196,7 +210,7 @@ def section_profile(runs=20):
     save("profile", res)
 
 
-SECTIONS = {"accuracy": section_accuracy, "plain": section_plain, "tflite_accuracy": section_tflite_accuracy, "int8_table": section_int8_table, "bench": section_bench,
+SECTIONS = {"accuracy": section_accuracy, "accuracy_int8": lambda: section_accuracy(int8_only=True), "plain": section_plain, "tflite_accuracy": section_tflite_accuracy, "int8_table": section_int8_table, "bench": section_bench,
             "sizes": section_sizes, "limits": section_limits, "profile": section_profile}
 
 
@@ -254,22 +268,27 @@ def render():
         lines += [""]
     tfl = load("tflite_accuracy")
     if tfl:
-        lines += ["## TFLite accuracy (V2, 320x320 letterbox, WIDER FACE subset 366 images; Easy / Medium / Hard AP %)",
+        lines += ["## TFLite accuracy (V2, 640x640 letterbox, default `rows` DCN; WIDER FACE subset 366 images; "
+                  "Easy / Medium / Hard AP %)",
                   "", "| artifact | AP |", "|---|---|"] + [f"| {k} | {_ap(v)} |" for k, v in tfl.items()] + [""]
     rows = load("int8_table")
     if rows:
+        base = rows[0]
         lines += ["## int8 calibration study (V2, 640x640, onnxruntime)", "",
-                  "AP on the 366-image subset. Latency: all rows timed interleaved in one process (50 runs), while "
-                  "other jobs were loading this 2-vCPU machine, so read the ratio to the fp32 row, not the "
-                  "absolute ms (the clean bench above has fp32 33.1 ms, int8 31.6 ms at 1 thread).", "",
-                  "| method | weights | calibration images | Easy / Medium / Hard AP | median ms 1 thread | "
-                  "median ms 2 threads | quantize time s |", "|---|---|---|---|---|---|---|"]
+                  "AP on the 366-image subset. Latency: every file timed in one process, interleaved run by run "
+                  "(50 runs after 10 warm-up): compare the ratio to the fp32 row. `target dB` is the planner's "
+                  "conf-SQNR target (the worst convs are kept in float until it is reached, at most 8 rounds).", "",
+                  "| method | weights | calibration images | target dB | Easy / Medium / Hard AP | median ms 1 thread "
+                  "| speed-up vs fp32 (1 thread) | median ms 2 threads | quantize time s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("status") == "failed":
-                lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images']} | failed | | | |")
+                lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images']} | {r['target_db']} | failed "
+                             f"| | | | |")
                 continue
-            lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images'] or '-'} | {_ap(r)} | "
-                         f"{r['median_ms_1t']} | {r['median_ms_2t']} | {r['quantize_s'] or '-'} |")
+            lines.append(f"| {r['method']} | {r['weights']} | {r['calib_images'] or '-'} | {r['target_db'] or '-'} | "
+                         f"{_ap(r)} | {r['median_ms_1t']} | {base['median_ms_1t'] / r['median_ms_1t']:.2f}x | "
+                         f"{r['median_ms_2t']} | {r['quantize_s'] or '-'} |")
         lines += [""]
     if bench:
         lines += ["## Latency (V1 and V2 interleaved in one process per row)", "",

@@ -33,8 +33,11 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    out = {}
-    for pkg in ("ffexport", "torch", "numpy", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "tflite-runtime",
+    from . import __version__
+
+    # The code's own version, not the installed metadata's (stale in an editable install).
+    out = {"ffexport": __version__}
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "tflite-runtime",
                 "litert-torch", "onnx2tf", "tensorflow", "coremltools", "executorch"):
         try:
             out[pkg] = metadata.version(pkg)

@@ -2,11 +2,8 @@
 
 The deformable convolutions decide TFLite cost: TFLite has no deformable or grid-sample op, so the
 "grid" and "gather" forms of models/dcn.py lower to huge index constants and per-element GATHER_ND
-(1.4 s / 1.0 s a 640x640 frame at 1 thread). The default here is the "rows" form, written for TFLite:
-features as (H*W, C) rows with a zero border, ONE row gather (EMBEDDING_LOOKUP) of the four bilinear
-corners of every sampling point, a weighted sum, and a FULLY_CONNECTED with the conv weight
-(K*C -> O). Same semantics as torchvision's deform_conv2d (max error ~1e-5), tens of ms a frame,
-the file the size of the weights; its FULLY_CONNECTED is int8-quantizable.
+(1.4 s / 1.0 s a 640x640 frame at 1 thread). The default is the "rows" form of models/dcn.py, written
+for TFLite (EMBEDDING_LOOKUP + FULLY_CONNECTED): tens of ms a frame, the file the size of the weights.
 
 int8: litert-torch's own PT2E int8 fails on the DCN sampling, so ai-edge-quantizer quantizes the
 converted flatbuffer: static int8 (calibrated on the calibration set) for CONV_2D, DEPTHWISE_CONV_2D
@@ -19,7 +16,6 @@ import json
 import sys
 import tempfile
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -48,67 +44,6 @@ def _need(module, what="TFLite export"):
         return importlib.import_module(module)
     except ImportError:
         raise FFExportError(f"{what} needs {module.split('.')[0]}: pip install 'ffexport[tflite]'") from None
-
-
-def _rows_forward(self, x):
-    """DCNv2 (torchvision semantics) as one row gather + FULLY_CONNECTED: the TFLite-friendly form."""
-    import torch
-    import torch.nn.functional as F
-
-    from models.dcn import _sampling_points
-
-    offset = self.offset_conv(x)
-    mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
-    w = self.regular_conv.weight
-    o, c, kh, kw = w.shape
-    n, _, h, wd = x.shape
-    py, px = _sampling_points(offset, h, wd, kh, kw, self.stride, self.padding, (1, 1))
-    k, ho, wo = py.shape[1:]
-    # A zero border (1 before, 2 after) keeps every corner index in range; coordinates clamped to
-    # [-1, size] then read zeros exactly where torchvision samples outside the image.
-    hp, wp = h + 3, wd + 3
-    rows = F.pad(x, (1, 2, 1, 2)).permute(0, 2, 3, 1).reshape(n * hp * wp, c)
-    py = py.clamp(-1, h).permute(0, 2, 3, 1)  # (N, Ho, Wo, K): rows come out (position, kernel point)
-    px = px.clamp(-1, wd).permute(0, 2, 3, 1)
-    m = mask.permute(0, 2, 3, 1)
-    y0, x0 = torch.floor(py), torch.floor(px)
-    ly, lx = py - y0, px - x0
-    a, b = (1 - ly) * m, ly * m
-    weights = (a * (1 - lx), a * lx, b * (1 - lx), b * lx)
-    base = ((y0 + 1) * wp + (x0 + 1)).to(torch.int32)
-    if n > 1:
-        base = base + (torch.arange(n, dtype=torch.int32) * (hp * wp)).view(n, 1, 1, 1)
-    corners = torch.tensor([0, 1, wp, wp + 1], dtype=torch.int32)
-    idx = (base.reshape(1, -1) + corners.view(4, 1)).reshape(-1)  # corner-major: 4 contiguous blocks
-    v = F.embedding(idx, rows).reshape(4, -1, c)
-    cols = v[0] * weights[0].reshape(-1, 1)
-    for i in (1, 2, 3):
-        cols = cols + v[i] * weights[i].reshape(-1, 1)
-    # (position, K*C) x (K*C, O): the conv weight reordered (O, kh, kw, C) to match.
-    out = F.linear(cols.reshape(n * ho * wo, k * c), w.permute(0, 2, 3, 1).reshape(o, k * c))
-    return out.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
-
-
-class _dcn_form:
-    """Put the model's DCN blocks in `form` for the conversion; restore the "grid" form after."""
-
-    def __init__(self, model, form):
-        from models.dcn import DeformableConv2d, set_dcn_form
-
-        self.set, self.model, self.form = set_dcn_form, model, form
-        self.blocks = [m for m in model.modules() if isinstance(m, DeformableConv2d)]
-
-    def __enter__(self):
-        self.set(self.model, "grid" if self.form == "rows" else self.form)
-        if self.form == "rows":
-            for m in self.blocks:
-                m.forward = types.MethodType(_rows_forward, m)
-        return self.model
-
-    def __exit__(self, *exc):
-        for m in self.blocks:
-            m.__dict__.pop("forward", None)
-        self.set(self.model, "grid")
 
 
 def embed_metadata(path, meta: dict):
@@ -144,6 +79,8 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static)."""
     import torch
 
+    from models.dcn import set_dcn_form
+
     if dcn not in DCN_FORMS:
         raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use {', '.join(DCN_FORMS)}")
     if quantize not in (None, "int8", "fp16"):
@@ -156,13 +93,15 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     log(f"1/3 converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
     with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = Path(tmpdir) / "fp32.tflite"
-        with warnings.catch_warnings(), _dcn_form(model, dcn), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             try:
-                litert_torch.convert(model.eval(), (torch.zeros(1, 3, h, w),)).export(str(fp32))
+                litert_torch.convert(set_dcn_form(model.eval(), dcn), (torch.zeros(1, 3, h, w),)).export(str(fp32))
             except Exception as e:
                 raise FFExportError(f"litert-torch could not convert {name} with --dcn {dcn} "
                                     f"({type(e).__name__}: {str(e).splitlines()[0][:150]}): try --dcn rows") from None
+            finally:
+                set_dcn_form(model, "grid")
         log(f"   converted in {time.time() - t0:.0f} s")
         path, extra = fp32, {}
         if quantize:

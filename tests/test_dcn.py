@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.dcn import deform_conv2d
+from models.dcn import deform_conv2d, deform_conv2d_rows
 
 
 def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
@@ -39,7 +39,7 @@ def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
     return out
 
 
-@pytest.mark.parametrize("sampler", ["grid", "gather"])
+@pytest.mark.parametrize("sampler", ["grid", "gather", "rows"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_matches_naive_reference_with_large_offsets(sampler, stride):
     rng = np.random.default_rng(0)
@@ -51,8 +51,11 @@ def test_matches_naive_reference_with_large_offsets(sampler, stride):
     weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
     ref = naive_dcn(x.astype(np.float64), offset.astype(np.float64), mask.astype(np.float64),
                     weight.astype(np.float64), stride)
-    got = deform_conv2d(*(torch.from_numpy(a) for a in (x, offset, mask, weight)), None, (stride, stride), (1, 1),
-                        (1, 1), sampler).numpy()
+    args = [torch.from_numpy(a) for a in (x, offset, mask, weight)]
+    if sampler == "rows":
+        got = deform_conv2d_rows(*args, (stride, stride), (1, 1)).numpy()
+    else:
+        got = deform_conv2d(*args, None, (stride, stride), (1, 1), (1, 1), sampler).numpy()
     assert got.shape == ref.shape
     outside = ((offset[:, 0::2] + 3 < -1) | (offset[:, 0::2] - 3 > 7)).mean()
     assert outside > 0.05, "the test must exercise samples outside the image"
@@ -67,3 +70,4 @@ def test_zero_offsets_unit_mask_is_regular_conv():
     ref = torch.nn.functional.conv2d(x, w, padding=1)
     for sampler in ("grid", "gather"):
         assert (deform_conv2d(x, off, mask, w, sampler=sampler) - ref).abs().max() < 1e-4
+    assert (deform_conv2d_rows(x, off, mask, w) - ref).abs().max() < 1e-4
