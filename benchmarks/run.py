@@ -179,6 +179,45 @@ def section_limits():
                     "sgemm_peak_gflops": {str(t): round(peak_gflops(t), 1) for t in (1, 2)}})
 
 
+def section_dcn_forms():
+    """Latency of each DCN decomposition: ONNX forms in onnxruntime (640x640), TFLite forms (320x320: grid is slow).
+
+    The evidence for the defaults: onnxruntime runs its DeformConv kernel faster than any decomposition
+    into standard ops, and TFLite (no grid-sample op) runs the "rows" form far faster than "grid"."""
+    res = {"onnxruntime 640x640": {}, "tflite 320x320": {}}
+    onnx_files = []
+    for form in ("native", "grid", "gather", "rows"):
+        out = ART / f"v2_640_{form}.onnx"
+        ffexport("onnx", "--model", "v2", "--dcn", form, "-o", out)
+        onnx_files.append(out)
+    for form, t in zip(("native", "grid", "gather", "rows"), time_onnx_files(onnx_files, runs=30)):
+        res["onnxruntime 640x640"][form] = t
+    code = """
+import json, sys, time, numpy as np
+from ffexport.runtime import load_runner
+x = np.random.default_rng(0).integers(0, 255, (1, 3, 320, 320)).astype(np.float32) - 117
+rs = [load_runner(p, threads=1) for p in sys.argv[1:]]
+t = [[] for _ in rs]
+for r in range(23):
+    for i, run in enumerate(rs):
+        a = time.perf_counter(); run(x)
+        if r >= 3: t[i].append((time.perf_counter() - a) * 1000)
+print(json.dumps([{"median_ms_1t": round(float(np.median(v)), 2)} for v in t]))
+"""
+    tfl = []
+    for form in ("rows", "grid"):
+        out = ART / f"v2_320_{form}.tflite"
+        if ffexport("tflite", "--model", "v2", "--input-size", "320x320", "--dcn", form, "-o", out,
+                    check=False).returncode == 0:
+            tfl.append((form, out))
+    if tfl:
+        got = subprocess.run([sys.executable, "-c", code, *[str(p) for _, p in tfl]], text=True,
+                             capture_output=True, check=True).stdout
+        for (form, out), t in zip(tfl, json.loads(got)):
+            res["tflite 320x320"][form] = {**t, "mb": round(out.stat().st_size / 1e6, 2)}
+    save("dcn_forms", res)
+
+
 def section_profile(runs=20):
     """Where the time goes in onnxruntime (1 thread, 640x640): per op type, fp32 vs int8, V2."""
     import collections
@@ -211,7 +250,7 @@ def section_profile(runs=20):
 
 
 SECTIONS = {"accuracy": section_accuracy, "accuracy_int8": lambda: section_accuracy(int8_only=True), "plain": section_plain, "tflite_accuracy": section_tflite_accuracy, "int8_table": section_int8_table, "bench": section_bench,
-            "sizes": section_sizes, "limits": section_limits, "profile": section_profile}
+            "sizes": section_sizes, "dcn_forms": section_dcn_forms, "limits": section_limits, "profile": section_profile}
 
 
 def main():
@@ -228,6 +267,49 @@ def main():
 
 def _ap(r):
     return f"{100 * r['easy']:.1f} / {100 * r['medium']:.1f} / {100 * r['hard']:.1f}"
+
+
+def _arm_diff(arm, int8):
+    import re
+
+    diffs = [float(m.group(1)) for r in arm["rows"] if r["status"] == "ok" and ("int8" in r["target"]) == int8
+             for m in [re.search(r"max \|arm - x86\| = ([0-9.e+-]+)", r.get("note", ""))] if m]
+    return f"{max(diffs):.2g}" if diffs else "not checked"
+
+
+def _spread(bench, target):
+    r = next(r for r in bench["rows"] if r["target"] == target and r["threads"] == 2 and r["model"] == "v2"
+             and r["input_size"] == "640x640" and r["status"] == "ok")
+    return f"{target} 640x640: min {r['min_ms']:.0f} ms, median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.0f} ms"
+
+
+def plot_accuracy(acc, tfl, rows, out):
+    """AP change of each V2 640x640 deployment vs ONNX fp32 (Easy/Medium/Hard), with the 1-point budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = acc["v2/onnx-fp32-640"]
+    bars = {"ONNX int8 (default, 50 dB)": acc["v2/onnx-int8-640"]}
+    bars.update({f"ONNX int8 ({r['target_db']} dB)": r for r in rows or []
+                 if r.get("target_db") == 45 and r.get("status") != "failed"})
+    bars.update({k: v for k, v in (tfl or {}).items() if k.startswith("TFLite")})
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    w = 0.8 / len(bars)
+    for i, (label, r) in enumerate(bars.items()):
+        ax.bar([j + i * w for j in range(3)], [100 * (r[s] - ref[s]) for s in ("easy", "medium", "hard")], w,
+               label=label)
+    ax.axhline(-1.0, color="red", linestyle="--", linewidth=1, label="-1.0 AP budget")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + w * (len(bars) - 1) / 2 for j in range(3)], ["Easy", "Medium", "Hard"])
+    ax.set_ylabel("AP change vs ONNX fp32 (points)")
+    ax.set_title(f"FeatherFace V2 at 640x640: accuracy change per deployment (fp32: {_ap(ref)})")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_ylim(-1.5, 0.6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def render():
@@ -267,6 +349,9 @@ def render():
                 f"{100 * (b[s] - a[s]):+.1f}" for s in ("easy", "medium", "hard")) + " |")
         lines += [""]
     tfl = load("tflite_accuracy")
+    if acc:
+        plot_accuracy(acc, tfl, load("int8_table"), HERE / "accuracy.png")
+        lines += ["![accuracy](accuracy.png)", ""]
     if tfl:
         lines += ["## TFLite accuracy (V2, 640x640 letterbox, default `rows` DCN; WIDER FACE subset 366 images; "
                   "Easy / Medium / Hard AP %)",
@@ -294,19 +379,29 @@ def render():
         lines += ["## Latency (V1 and V2 interleaved in one process per row)", "",
                   "Medians of up to 100 timed runs after 10 warm-up runs (slow rows: fewer, >= 5, within a 120 s "
                   "budget). Peak RSS is the worker process's, both models resident, and includes the export or "
-                  "quantization when the row had to build its artifact (the 16 GB tflite-int8 row is ai-edge-quantizer "
-                  "calibration). The 2-thread medians are noisy on this VM (onnxruntime 640x640: min 26 ms, median "
-                  "37.5 ms, p90 49 ms): the second vCPU was not consistently available, so compare 1-thread rows.", "",
-                  table(bench), "",
+                  "quantization when the row had to build its artifact (ai-edge-quantizer's int8 calibration peaks at "
+                  "~5.4 GB). The 2-thread medians are noisy on this VM (" + _spread(bench, "onnxruntime") + "): the "
+                  "second vCPU was not consistently available, so compare 1-thread rows.", "",
+                  table(bench), ""] + ([bench["executorch_note"] + ".", ""] if "executorch_note" in bench else []) + [
                   "![latency](latency.png)", "", "**" + verdict(bench) + "**", ""]
     arm = load("bench_arm")
     if arm:
         lines += ["## onnxruntime-arm (aarch64 build under qemu: emulated, not a device measurement)", "",
-                  "5 runs each, 1 thread, taken while other jobs ran: emulation is 150-500x slower than a device and "
+                  "5 runs each, taken while other jobs ran: emulation is 150-500x slower than a device and "
                   "does not rank CPUs or models, so these ms (and their V2/V1 ratios) only show the ARM build runs. "
-                  "What they do check: fp32 outputs equal x86's (2.6e-5); int8 raw outputs differ by up to 1.6 "
-                  "(one-step rounding differences between the x86 VNNI and ARM int8 kernels, carried through the "
-                  "network). Use `--remote user@board` for device numbers.", "", table(arm), ""]
+                  f"What they do check: fp32 outputs equal x86's ({_arm_diff(arm, False)}); int8 raw outputs differ by up "
+                  f"to {_arm_diff(arm, True)} (one-step rounding differences between the x86 VNNI and ARM int8 kernels, "
+                  "carried through the network). Use `--remote user@board` for device numbers.", "", table(arm), ""]
+    forms = load("dcn_forms")
+    if forms:
+        lines += ["## DCN decompositions (V2, median ms; each group timed interleaved in one process)", "",
+                  "| runtime | input | DCN form | median ms 1 thread | median ms 2 threads | file MB |", "|---|---|---|---|---|---|"]
+        for group, by_form in forms.items():
+            rt, size = group.split()
+            for form, t in by_form.items():
+                lines.append(f"| {rt} | {size} | {form} | {t['median_ms_1t']} | {t.get('median_ms_2t', '')} | "
+                             f"{t.get('mb', '')} |")
+        lines += [""]
     prof = load("profile")
     if prof:
         ops = list(dict.fromkeys(k for t in ("fp32", "int8") for k in prof[t] if k != "total"))

@@ -130,8 +130,9 @@ def torchscript(model, weights, input_size, dcn, output):
 @click.option("--dynamic", is_flag=True, help="Dynamic batch/H/W (any multiple of 32).")
 @click.option("--opset", default=19, show_default=True, type=int)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
-@click.option("--dcn", type=click.Choice(["auto", "native", "grid", "gather"]), default="auto", show_default=True,
-              help="auto: ONNX DeformConv if onnxruntime runs it, else grid_sample decomposition.")
+@click.option("--dcn", type=click.Choice(["auto", "native", "grid", "gather", "rows"]), default="auto",
+              show_default=True, help="auto: ONNX DeformConv if onnxruntime runs it, else grid_sample "
+                                      "decomposition. Speeds of each form: benchmarks/RESULTS.md.")
 @click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None, help="Post-training quantization.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration images (WIDER FACE tree or any folder); default: WIDER FACE, see README.")

@@ -69,7 +69,7 @@ def test_dynamic_export_at_other_sizes(exports, v2_model, hw, batch):
     assert np.abs(got[0] - ref[0]).max() <= 1e-3
 
 
-@pytest.mark.parametrize("form", ["grid", "gather"])
+@pytest.mark.parametrize("form", ["grid", "gather", "rows"])
 def test_decomposed_dcn_forms_match_pytorch(tmp_path, v2_model, form):
     export_onnx(v2_model, "v2", tmp_path / f"{form}.onnx", input_size=(320, 320), dcn=form)
     proto = onnx.load(str(tmp_path / f"{form}.onnx"))
