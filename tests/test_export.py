@@ -43,6 +43,13 @@ def test_onnx_graph_is_standard_simplified_and_described(exports):
     assert meta["checkpoint_sha256"].startswith("0460e457") and json.loads(meta["mean_bgr"]) == [104, 117, 123]
     assert json.loads(meta["priors"])["steps"] == [8, 16, 32]
     assert len(proto.graph.node) < 400  # simplified (the raw trace has ~1000 nodes)
+    # One DeformConv per DCN block; the 6 that narrow 56 channels (conv3X3, conv5X5_1 per level) sample
+    # after the weights: 1x1 kernel, one offset group per kernel point.
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in proto.graph.node if n.op_type == "DeformConv"]
+    assert len(attrs) == 15
+    assert sum(a["kernel_shape"] == [1, 1] and a["offset_group"] == 9 for a in attrs) == 6
+    assert sum(a["kernel_shape"] == [3, 3] and a["offset_group"] == 1 for a in attrs) == 9
 
 
 @pytest.mark.parametrize("name", ["native.onnx", "v2.pt"])
