@@ -141,8 +141,8 @@ def torchscript(model, weights, input_size, dcn, output):
               show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight quantization granularity.")
 @click.option("--target-db", default=50.0, show_default=True,
-              help="int8: keep the worst nodes in float until the conf output reaches this SQNR on calibration "
-                   "images (45: more int8, ~6% faster, AP vs PyTorch ~0.93 on crowds; 50: ~0.98).")
+              help="int8: keep the worst convs in float until the conf output reaches this SQNR on calibration "
+                   "images. Lower keeps more convs int8 (smaller file, less faithful); see README.")
 @click.option("-o", "--output", default=None, help="Output .onnx (default featherface_<model>[_int8].onnx).")
 @user_errors
 def onnx(model, weights, input_size, dynamic, opset, no_simplify, dcn, quantize, calib, calib_size, calib_method,

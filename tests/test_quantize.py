@@ -39,7 +39,7 @@ def test_int8_graph_quantized_where_measured(int8):
 def test_int8_detections_match_pytorch(int8, v2_model):
     """The issue's detection-level target: AP of int8 detections against PyTorch's >= 0.95 on the shared
     photos (dense crowds of tiny faces near the threshold). Measured 0.973 with this 32-image calibration,
-    0.980 with the default 100; the planner's 50 dB conf-SQNR target is what gets it there (45 dB: 0.93)."""
+    0.980 with the default 100; the planner's 50 dB conf-SQNR target is what gets it there (40 dB: 0.90)."""
     report = compare(TorchRunner(v2_model, "v2"), OnnxRunner(int8[0]), REAL, precision="int8", progress=False)
     assert report.precision == "int8"
     assert report.detections["ap"] >= 0.95 and report.detections["matched"] >= 0.95, report.summary()
