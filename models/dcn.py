@@ -1,4 +1,4 @@
-"""Modulated deformable convolution (DCNv2) from standard tensor ops, in three exportable forms.
+"""Modulated deformable convolution (DCNv2) from standard tensor ops, in the exportable forms each target needs.
 
 Semantics are torchvision.ops.deform_conv2d's: offsets laid out (dy, dx) per kernel point, bilinear
 sampling with zeros outside the image, samples multiplied by the mask, then a plain convolution.
