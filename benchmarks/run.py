@@ -112,33 +112,34 @@ def section_int8_table():
         rows.append({**row, "quantize_s": round(time.time() - t0, 1), "easy": r["easy"], "medium": r["medium"],
                      "hard": r["hard"]})
         files.append(out)
-    timed = iter(time_onnx_files(files))
+    timed = iter(time_files(files))
     for row in rows:
         if row.get("status") != "failed":
             row.update(next(timed))
     save("int8_table", rows)
 
 
-def time_onnx_files(paths, runs=50):
-    """Median latency (1 and 2 threads, 640x640) of each ONNX file, interleaved run by run in one process."""
-    code = f"""
-import json, time, numpy as np, onnxruntime as ort
-paths = {[str(p) for p in paths]!r}
-out = [{{}} for _ in paths]
-x = np.random.default_rng(0).integers(0, 255, (1, 3, 640, 640)).astype(np.float32) - 117
-for th in (1, 2):
-    o = ort.SessionOptions(); o.intra_op_num_threads = th; o.inter_op_num_threads = 1
-    sess = [ort.InferenceSession(p, o, providers=['CPUExecutionProvider']) for p in paths]
-    t = [[] for _ in paths]
-    for r in range({runs} + 10):
-        for i, s in enumerate(sess):
-            a = time.perf_counter(); s.run(None, {{'input': x}})
-            if r >= 10: t[i].append((time.perf_counter() - a) * 1000)
-    for i in range(len(paths)):
-        out[i][f'median_ms_{{th}}t'] = round(float(np.median(t[i])), 2)
-print(json.dumps(out))
+def time_files(paths, runs=50, warmup=10, threads=(1, 2), size=(640, 640)):
+    """Median latency of each artifact (any type `load_runner` opens), per thread count: one fresh process
+    per thread count, the files timed interleaved run by run (ffexport.bench.time_interleaved)."""
+    code = """
+import json, sys, numpy as np
+from ffexport.bench import time_interleaved
+from ffexport.runtime import load_runner
+paths, runs, warmup, th, (h, w) = json.loads(sys.argv[1])
+x = np.random.default_rng(0).integers(0, 255, (1, 3, h, w)).astype(np.float32) - 117
+runners = {p: load_runner(p, threads=th) for p in paths}
+times = time_interleaved({p: (lambda r=r: r(x)) for p, r in runners.items()}, runs, warmup)
+print(json.dumps([round(float(np.median(times[p])), 2) for p in paths]))
 """
-    return json.loads(subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, check=True).stdout)
+    out = [{} for _ in paths]
+    for th in threads:
+        args = json.dumps([[str(p) for p in paths], runs, warmup, th, list(size)])
+        medians = json.loads(subprocess.run([sys.executable, "-c", code, args], text=True, capture_output=True,
+                                            check=True).stdout)
+        for row, ms in zip(out, medians):
+            row[f"median_ms_{th}t"] = ms
+    return out
 
 
 def section_bench():
@@ -190,20 +191,8 @@ def section_dcn_forms():
         out = ART / f"v2_640_{form}.onnx"
         ffexport("onnx", "--model", "v2", "--dcn", form, "-o", out)
         onnx_files.append(out)
-    for form, t in zip(("native", "grid", "gather", "rows"), time_onnx_files(onnx_files, runs=30)):
+    for form, t in zip(("native", "grid", "gather", "rows"), time_files(onnx_files, runs=30)):
         res["onnxruntime 640x640"][form] = t
-    code = """
-import json, sys, time, numpy as np
-from ffexport.runtime import load_runner
-x = np.random.default_rng(0).integers(0, 255, (1, 3, 320, 320)).astype(np.float32) - 117
-rs = [load_runner(p, threads=1) for p in sys.argv[1:]]
-t = [[] for _ in rs]
-for r in range(23):
-    for i, run in enumerate(rs):
-        a = time.perf_counter(); run(x)
-        if r >= 3: t[i].append((time.perf_counter() - a) * 1000)
-print(json.dumps([{"median_ms_1t": round(float(np.median(v)), 2)} for v in t]))
-"""
     tfl = []
     for form in ("rows", "grid"):
         out = ART / f"v2_320_{form}.tflite"
@@ -211,9 +200,8 @@ print(json.dumps([{"median_ms_1t": round(float(np.median(v)), 2)} for v in t]))
                     check=False).returncode == 0:
             tfl.append((form, out))
     if tfl:
-        got = subprocess.run([sys.executable, "-c", code, *[str(p) for _, p in tfl]], text=True,
-                             capture_output=True, check=True).stdout
-        for (form, out), t in zip(tfl, json.loads(got)):
+        timed = time_files([p for _, p in tfl], runs=20, warmup=3, threads=(1,), size=(320, 320))
+        for (form, out), t in zip(tfl, timed):
             res["tflite 320x320"][form] = {**t, "mb": round(out.stat().st_size / 1e6, 2)}
     save("dcn_forms", res)
 

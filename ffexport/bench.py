@@ -1,6 +1,7 @@
 """`ffexport bench`: per-target latency of V1 and V2, interleaved, each (target, size, threads) in its
 own worker process so thread pinning, peak RSS and crashes stay local to it.
 """
+import functools
 import json
 import os
 import platform
@@ -64,6 +65,28 @@ def _peak_rss_mb():
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def time_interleaved(calls: dict, runs: int, warmup: int, budget_s=None) -> dict:
+    """Warm up, then time every call in turn, run by run, so drift hits them alike: name -> list of ms.
+
+    With `budget_s`, slow calls (a grid-sample DCN in TFLite takes seconds a frame) get fewer runs,
+    never under 5, so the whole measurement stays within the budget."""
+    slowest = 0.0
+    for call in calls.values():
+        for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            call()
+            slowest = max(slowest, time.perf_counter() - t0)
+    if budget_s:
+        runs = min(runs, max(5, int(budget_s / (slowest * len(calls)))))
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def worker(job: dict) -> list[dict]:
     """Measure one (target, size, threads) for all models, interleaving their timed runs."""
     import torch
@@ -86,21 +109,9 @@ def worker(job: dict) -> list[dict]:
             times, rss, note = target.measure(path, m, x, threads, job["runs"], job["warmup"])
             rows.append({"model": m, **_stats(times), "peak_rss_mb": rss, "note": note, "runs": len(times)})
         return rows
-    slowest = 0.0
-    for m, (_, runner, x) in runners.items():
-        for _ in range(max(1, job["warmup"])):
-            t0 = time.perf_counter()
-            runner(x)
-            slowest = max(slowest, time.perf_counter() - t0)
-    # Slow targets (a grid-sample DCN in TFLite takes seconds a frame) get fewer runs, never under 5,
-    # so one row stays within its time budget; the row records how many it got.
-    runs = min(job["runs"], max(5, int(job.get("budget_s", 120) / (slowest * len(runners)))))
-    times = {m: [] for m in runners}
-    for _ in range(runs):
-        for m, (_, runner, x) in runners.items():
-            t0 = time.perf_counter()
-            runner(x)
-            times[m].append((time.perf_counter() - t0) * 1000)
+    times = time_interleaved({m: functools.partial(runner, x) for m, (_, runner, x) in runners.items()},
+                             job["runs"], job["warmup"], job.get("budget_s", 120))
+    runs = len(next(iter(times.values())))
     rss = _peak_rss_mb()
     for m, (_, runner, _) in runners.items():
         size_str = "x".join(map(str, runner.input_size)) if target.peer else None

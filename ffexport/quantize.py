@@ -99,10 +99,9 @@ class Plan:
 def candidates(graph):
     """Nodes the op-support table allows in int8; the rest stay float with their kind's reason."""
     weights = {t.name: t for t in graph.initializer}
-    kinds = {n.name: op_kind(n, weights) for n in graph.node}
-    floats = {n.name: f"{kinds[n.name]}: {support(kinds[n.name]).why}" for n in graph.node
-              if not support(kinds[n.name]).int8}
-    return [n for n in graph.node if support(kinds[n.name]).int8], floats
+    kinds = [(n, op_kind(n, weights)) for n in graph.node]
+    floats = {n.name: f"{kind}: {support(kind).why}" for n, kind in kinds if not support(kind).int8}
+    return [n for n, kind in kinds if support(kind).int8], floats
 
 
 EXACT_DB = 60.0  # SQNR assigned to a tensor that is exact in both runs (a graph input, float-only inputs)

@@ -154,11 +154,9 @@ def deform_sample_groups(y, offset, mask, stride=(1, 1)):
     n, ko, h, w = y.shape
     k = mask.shape[1]
     o, (ho, wo) = ko // k, offset.shape[2:]
-    off = offset.view(n, k, 2, ho, wo)
-    py = (torch.arange(ho, dtype=y.dtype) * stride[0]).view(1, 1, ho, 1) + off[:, :, 0]
-    px = (torch.arange(wo, dtype=y.dtype) * stride[1]).view(1, 1, 1, wo) + off[:, :, 1]
-    grid = torch.stack(((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), -1).reshape(n * k, ho, wo, 2)
-    s = F.grid_sample(y.reshape(n * k, o, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Each kernel point is a 1x1 sampling of its own O-channel map: fold K into the batch.
+    py, px = _sampling_points(offset.reshape(n * k, 2, ho, wo), h, w, 1, 1, stride, (0, 0), (1, 1))
+    s = _sample_grid(y.reshape(n * k, o, h, w), py, px)  # (N*K, O, 1, Ho, Wo)
     return (s.reshape(n, k, o, ho, wo) * mask.unsqueeze(2)).sum(1)
 
 
