@@ -172,7 +172,7 @@ def section_sizes():
 
 def section_limits():
     """FLOPs of each model and this CPU's practical fp32 peak (SGEMM), for the physical-limit estimate."""
-    from ffexport.bench import model_flops, peak_gflops
+    from flops import model_flops, peak_gflops
     from ffexport.weights import load_model
 
     save("limits", {"gflops_640": {m: round(model_flops(load_model(m), (640, 640)) / 1e9, 4) for m in ("v1", "v2")},

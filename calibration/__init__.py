@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ffexport.cache import atomic_output, cache_dir, download
+from ffexport.cache import atomic_output, cache_dir, download, read_cached_array, write_cached_array
 from ffexport.errors import FFExportError
 
 MANIFEST = Path(__file__).with_name("manifest.json")
 MANIFEST_SEED, MANIFEST_PER_EVENT = 0, 2
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # The official WIDER FACE validation images (WIDER_val.zip: 3,226 images, 362,752,168 bytes) as hosted by the
 # dataset's Hugging Face repo CUHK-CSE/wider_face, pinned to the commit that added it. The sha256 is that
 # file's Git LFS oid, from the same commit (huggingface.co/datasets/CUHK-CSE/wider_face/commit/ba0019b2...).
@@ -45,6 +44,8 @@ def find_widerface(explicit=None, allow_download=True) -> Path:
     """Calibration root: --calib DIR, then $FFEXPORT_WIDERFACE, then the user cache, then a download."""
     if explicit is not None:
         root = Path(explicit)
+        if root.exists() and not root.is_dir():
+            raise FFExportError(f"--calib {root} is a file, not a folder: pass --calib DIR with images")
         if not root.is_dir():
             raise FFExportError(f"calibration folder {root} does not exist: pass --calib DIR with images")
         return root
@@ -86,15 +87,13 @@ def _download_widerface(dest: Path) -> Path:
 
 def list_images(root) -> list[Path]:
     """A WIDER FACE tree's WIDER_train/WIDER_val images, or every image below a plain folder (sorted)."""
+    from ffexport.images import list_images as images_below
+
     root = Path(root)
-    if not root.is_dir():
-        raise FFExportError(f"calibration folder {root} does not exist: pass --calib DIR with images")
     trees = [root / s / "images" for s in ("WIDER_train", "WIDER_val") if (root / s / "images").is_dir()]
-    files = sorted(p for base in (trees or [root]) for p in base.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise FFExportError(f"no images (.jpg/.png/.bmp) under {root}: pass --calib DIR with calibration images")
-    return files
+    if not trees:
+        return images_below(root, "calibration folder", "--calib")
+    return sorted(p for base in trees for p in images_below(base, "calibration folder", "--calib"))
 
 
 def _face_counts(root) -> dict[str, int]:
@@ -220,7 +219,8 @@ def load_batch(root, n, size, seed=MANIFEST_SEED, progress=True) -> np.ndarray:
     from tqdm import tqdm
 
     import models.preprocess
-    from models.preprocess import prepare, read_image
+    from models.preprocess import prepare
+    from ffexport.images import read_image
 
     files = select(root, n, seed)
     size = tuple(int(s) for s in size)
@@ -229,10 +229,9 @@ def load_batch(root, n, size, seed=MANIFEST_SEED, progress=True) -> np.ndarray:
               [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:20]
     cached = cache_dir("calib") / f"{key}.npy"
-    if cached.is_file():
-        batch = np.load(cached)
-        if batch.shape == (len(files), 3, *size) and batch.dtype == np.float32:
-            return batch
+    batch = read_cached_array(cached, (len(files), 3, *size))
+    if batch is not None:
+        return batch
     batch = np.empty((len(files), 3, *size), np.float32)
     for i, f in enumerate(tqdm(files, desc="calibration images", unit="img", disable=None if progress else True)):
         try:
@@ -240,7 +239,5 @@ def load_batch(root, n, size, seed=MANIFEST_SEED, progress=True) -> np.ndarray:
         except FFExportError:
             raise FFExportError(f"calibration image {f} is not a readable image: delete it or pass --calib DIR "
                                 f"with readable images") from None
-    with atomic_output(cached) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, batch)
+    write_cached_array(cached, batch)
     return batch

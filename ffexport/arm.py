@@ -1,17 +1,25 @@
-"""Run an ONNX model with the aarch64 build of onnxruntime: natively, on a board over ssh, or under qemu.
+"""Run a model with the aarch64 build of its runtime (onnxruntime or ncnn): natively, on a board over
+ssh, or under qemu.
 
 All three modes run the same standalone script (arm_runner.py) in a separate process and read back
-its files, so outputs, timings and peak RSS mean the same thing everywhere.
+its files, so outputs, timings and peak RSS mean the same thing everywhere. The runtime's version is
+this machine's, so the outputs can be compared with x86's.
 
 - native: the host is aarch64; the runner uses this python.
-- ssh: `remote="user@host[:port]"`; model, inputs and runner go to a temp dir on the board (scp),
-  run with the board's python3 (needs numpy + onnxruntime), results come back, the dir is removed.
+- ssh: `remote="user@host[:port]"`; the model's files, inputs and runner go to a temp dir on the board
+  (scp), run with the board's python3 (needs numpy + the runtime), results come back, the dir is removed.
   Key login must work without prompts (BatchMode). Environment knobs:
     FFEXPORT_REMOTE_PYTHON  python command on the board, shell words (default: python3)
     FFEXPORT_SSH_OPTS       extra ssh/scp options, e.g. "-i key -o UserKnownHostsFile=..."
 - emulated: an x86 host with no remote. qemu user-mode (Debian's qemu-user-static) runs an arm64
-  Debian python userland with the aarch64 onnxruntime/numpy wheels, built once into
-  cache_dir("arm", ...) (~1 min, ~215 MB). Numbers are for checking outputs, not device speed.
+  Debian python userland with the aarch64 numpy/onnxruntime wheels, built once into
+  cache_dir("arm", ...) (~1 min, ~190 MB); another runtime's wheel (ncnn) is added to it as its own
+  layer on first use (seconds, ~13 MB) and kept beside it. Numbers are for checking outputs, not device
+  speed.
+
+ncnn: the model is X.ncnn.param; X.ncnn.bin (and the X.ncnn.json sidecar) travel with it. The output
+blobs come from the .param, and an fp32 artifact (its sidecar says; fp32 without one) runs with every
+fp16/bf16 option off, as the x86 runner does.
 """
 import fcntl
 import json
@@ -49,46 +57,127 @@ CPUS = {  # name: (variant, part, revision, features)
 }
 
 
+@dataclass(frozen=True)
+class Runtime:
+    name: str       # arm_runner.py --runtime
+    dist: str       # its pip distribution, installed at this machine's version
+    deps: bool      # the sysroot needs its pip dependencies too (ncnn's are for its model zoo only)
+    fix: str        # how to install it here
+
+
+RUNTIMES = {
+    "onnxruntime": Runtime("onnxruntime", "onnxruntime", True, "pip install onnxruntime"),
+    "ncnn": Runtime("ncnn", "ncnn", False, "pip install 'ffexport[ncnn]'"),
+}
+BASE = "onnxruntime"  # the emulation sysroot always holds it; other runtimes are layers on top
+
+
 @dataclass
 class ArmResult:
-    outputs: dict  # name -> np.ndarray, from the first run
+    outputs: dict  # name -> np.ndarray, from the first run, in the model's output order
     times_ms: list  # timed runs only
     mode: str  # "native" | "ssh" | "emulated"
     label: str  # how to read the numbers, e.g. "emulated (qemu cortex-a76) — not a device measurement"
     peak_rss_mb: float | None  # runner's peak RSS on the target (under qemu: includes the emulator)
 
 
-def run_onnx_arm(model_path, inputs: dict, *, threads=1, runs=0, warmup=0, remote: str | None = None,
-                 cpu="cortex-a76", progress=None) -> ArmResult:
-    """Run `model_path` on `inputs` with aarch64 onnxruntime; see the module doc for the three modes.
+@dataclass
+class _Job:
+    """What the runner gets: the files that travel, and its arguments given where those files are."""
+    runtime: Runtime
+    model: Path
+    files: list  # model first
+    weights: Path | None = None  # ncnn's .bin
+    outputs: list | None = None  # ncnn's output blobs
+    off: tuple = ()  # ncnn options switched off
 
-    `progress` receives one-line status messages (default: printed to stderr).
+    def args(self, where, threads, runs, warmup):
+        """Runner options after MODEL INPUTS OUT_DIR; `where(path)` is how the target names one of `files`."""
+        args = ["--runtime", self.runtime.name, "--threads", str(threads), "--runs", str(runs),
+                "--warmup", str(warmup)]
+        if self.weights:
+            args += ["--weights", where(self.weights), "--outputs", ",".join(self.outputs)]
+        if self.off:
+            args += ["--off", ",".join(self.off)]
+        return args
+
+
+def run_arm(model_path, inputs: dict, *, runtime="onnxruntime", threads=1, runs=0, warmup=0,
+            remote: str | None = None, cpu="cortex-a76", progress=None) -> ArmResult:
+    """Run `model_path` on `inputs` with the aarch64 `runtime`; see the module doc for the three modes.
+
+    onnxruntime takes an .onnx; ncnn takes X.ncnn.param (with its .bin beside it), and `inputs` may name
+    its one input blob or anything else for it. `progress` receives one-line status messages (default:
+    printed to stderr).
     """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise FFExportError(f"ONNX model {model_path} not found: export it first or fix the path")
+    if runtime not in RUNTIMES:
+        raise FFExportError(f"no ARM runner for {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    rt = RUNTIMES[runtime]
     if threads < 1 or runs < 0 or warmup < 0:
         raise FFExportError(f"threads={threads}, runs={runs}, warmup={warmup} is invalid: "
                             "use threads >= 1 and runs, warmup >= 0")
+    model_path, inputs = Path(model_path), {k: np.asarray(v) for k, v in inputs.items()}
+    if runtime == "ncnn":
+        job, inputs = _ncnn_job(model_path, inputs)
+    else:
+        job = _onnx_job(model_path)
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    args = ["--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup)]
 
     with tempfile.TemporaryDirectory(prefix="ffexport-arm-") as tmp:
         tmp = Path(tmp)
-        _save(tmp / "inputs.npz", {k: np.asarray(v) for k, v in inputs.items()})
+        _save(tmp / "inputs.npz", inputs)
+        local = [str(job.model.resolve()), str(tmp / "inputs.npz"), str(tmp)] + job.args(
+            lambda p: str(p.resolve()), threads, runs, warmup)
         if remote:
-            info = _run_ssh(remote, model_path, tmp, args)
-            mode, label = "ssh", f"ssh {remote} ({info['machine']}, onnxruntime {info['onnxruntime']})"
+            info = _run_ssh(remote, job, tmp, job.args(lambda p: p.name, threads, runs, warmup))
+            mode, label = "ssh", f"ssh {remote} ({info['machine']}, {rt.name} {info['version']})"
         elif platform.machine().lower() in ("aarch64", "arm64"):
-            _check(subprocess.run([sys.executable, str(RUNNER), str(model_path), str(tmp / "inputs.npz"),
-                                   str(tmp)] + args, stderr=subprocess.PIPE, text=True), "this machine")
-            mode, label = "native", f"native {platform.machine()} (onnxruntime {_ort_version()})"
+            _check(subprocess.run([sys.executable, str(RUNNER)] + local, stderr=subprocess.PIPE, text=True),
+                   "this machine", rt)
+            mode, label = "native", f"native {platform.machine()} ({rt.name} {_version(rt)})"
         else:
-            _run_emulated(model_path, tmp, args, cpu, say)
+            _run_emulated(rt, tmp, local, cpu, say)
             mode, label = "emulated", f"emulated (qemu {cpu}) — not a device measurement"
         result = json.loads((tmp / "result.json").read_text())
         return ArmResult(outputs=_load(tmp / "outputs.npz"), times_ms=result["times_ms"], mode=mode,
                          label=label, peak_rss_mb=result.get("peak_rss_mb"))
+
+
+def run_onnx_arm(model_path, inputs: dict, **kwargs) -> ArmResult:
+    """run_arm with onnxruntime."""
+    return run_arm(model_path, inputs, runtime="onnxruntime", **kwargs)
+
+
+def _onnx_job(model):
+    if not model.is_file():
+        raise FFExportError(f"ONNX model {model} not found: export it first or fix the path")
+    return _Job(RUNTIMES["onnxruntime"], model, [model])
+
+
+def _ncnn_job(param, inputs):
+    """The ncnn job, and `inputs` keyed by the .param's input blobs."""
+    from .formats.ncnn import FP16_OPTIONS, files, parse_param
+
+    _, weights, sidecar = files(param)
+    if not param.is_file() or not weights.is_file():
+        raise FFExportError(f"ncnn model {param} or its weights {weights.name} not found: pass the X.ncnn.param "
+                            "written by 'ffexport ncnn', with X.ncnn.bin beside it")
+    try:
+        info = parse_param(param)
+    except (OSError, ValueError, IndexError):
+        raise FFExportError(f"{param} is not an ncnn .param file: pass the X.ncnn.param written by "
+                            "'ffexport ncnn'") from None
+    if set(inputs) != set(info["inputs"]):
+        if len(inputs) != 1 or len(info["inputs"]) != 1:
+            raise FFExportError(f"{param} takes the input blobs {', '.join(info['inputs'])}, given "
+                                f"{', '.join(inputs)}: name the inputs by the .param's blobs")
+        inputs = {info["inputs"][0]: next(iter(inputs.values()))}
+    try:
+        precision = json.loads(sidecar.read_text()).get("precision", "fp32")
+    except (OSError, ValueError):
+        precision = "fp32"  # no sidecar: the strictest reading, full precision
+    return _Job(RUNTIMES["ncnn"], param, [param, weights] + ([sidecar] if sidecar.is_file() else []),
+                weights=weights, outputs=info["outputs"], off=FP16_OPTIONS if precision == "fp32" else ()), inputs
 
 
 # Same layout as arm_runner.save/load: names in arr_0, tensors after.
@@ -102,32 +191,37 @@ def _load(path):
         return {str(n): z[f"arr_{i + 1}"] for i, n in enumerate(z["arr_0"])}
 
 
-def _check(proc, where, python="python"):
+def _check(proc, where, rt, python="python"):
     """Turn a failed runner process into a one-line FFExportError."""
     if proc.returncode == 0:
         return
     last = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     msg = last[0].removeprefix("ffexport-runner: ")
     if proc.returncode == 3:
-        raise FFExportError(f"{python} on {where} lacks numpy/onnxruntime ({msg}): "
-                            "run `pip install onnxruntime numpy` there")
+        raise FFExportError(f"{python} on {where} lacks numpy/{rt.name} ({msg}): "
+                            f"run `pip install {rt.dist} numpy` there")
     if proc.returncode == 4:
-        raise FFExportError(f"onnxruntime on {where} rejected the model or inputs ({msg}): "
-                            "check the model runs on x86 onnxruntime and the input names/shapes")
+        raise FFExportError(f"{rt.name} on {where} rejected the model or inputs ({msg}): "
+                            f"check the model runs on x86 {rt.name} and the input names/shapes")
     if proc.returncode == 127:
         raise FFExportError(f"{python} not found on {where} ({msg}): install python3 there "
                             "or set FFEXPORT_REMOTE_PYTHON")
-    raise FFExportError(f"the onnxruntime runner failed on {where} ({msg}, exit {proc.returncode}): "
+    raise FFExportError(f"the {rt.name} runner failed on {where} ({msg}, exit {proc.returncode}): "
                         "retry; if it persists, run ffexport/arm_runner.py there by hand to see why")
 
 
-def _ort_version():
-    return metadata.version("onnxruntime")
+def _version(rt):
+    """This machine's version of `rt`: the one the ARM side installs, so outputs compare with x86's."""
+    try:
+        return metadata.version(rt.dist)
+    except metadata.PackageNotFoundError:
+        raise FFExportError(f"{rt.name} is not installed here, and the ARM run uses this machine's version to "
+                            f"compare with it: {rt.fix}") from None
 
 
 # ---------------------------------------------------------------- ssh
 
-def _run_ssh(remote, model_path, tmp, args):
+def _run_ssh(remote, job, tmp, args):
     target, _, port = remote.partition(":")
     if not target or (port and not port.isdigit()):
         raise FFExportError(f"remote {remote!r} is not user@host[:port]: e.g. --remote pi@192.168.1.20:22")
@@ -157,14 +251,14 @@ def _run_ssh(remote, model_path, tmp, args):
 
     rdir = run(ssh + ["mktemp -d /tmp/ffexport-arm.XXXXXX"]).stdout.strip()
     try:
-        run(scp + [str(RUNNER), str(model_path), str(tmp / "inputs.npz"), f"{target}:{rdir}/"])
+        run(scp + [str(RUNNER)] + [str(f) for f in job.files] + [str(tmp / "inputs.npz"), f"{target}:{rdir}/"])
         q = shlex.quote
-        cmd = (f"cd {q(rdir)} && {python} arm_runner.py {q(model_path.name)} inputs.npz . "
+        cmd = (f"cd {q(rdir)} && {python} arm_runner.py {q(job.model.name)} inputs.npz . "
                + shlex.join(args))
         p = run(ssh + [cmd], check=False)
         if p.returncode == 255:
             run(ssh + ["true"])  # distinguishes a dropped connection from a runner crash
-        _check(p, remote, python)
+        _check(p, remote, job.runtime, python)
         run(scp + [f"{target}:{rdir}/outputs.npz", f"{target}:{rdir}/result.json", str(tmp)])
         return json.loads((tmp / "result.json").read_text())
     finally:
@@ -173,7 +267,7 @@ def _run_ssh(remote, model_path, tmp, args):
 
 # ---------------------------------------------------------------- emulated
 
-def _run_emulated(model_path, tmp, args, cpu, say):
+def _run_emulated(rt, tmp, args, cpu, say):
     if cpu not in CPUS:
         raise FFExportError(f"unknown emulated cpu {cpu!r}: choose one of {', '.join(CPUS)}")
     qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
@@ -181,21 +275,22 @@ def _run_emulated(model_path, tmp, args, cpu, say):
         raise FFExportError("qemu-aarch64-static not found (needed to emulate an arm64 board on this "
                             "x86 host): apt-get install qemu-user-static, or pass --remote user@board")
     root = _sysroot(qemu, say)
+    site = [] if rt.name == BASE else [_layer(root, rt, qemu, say)]
     prefix = _cpu_prefix(root, cpu)
-    cmd = [qemu, "-cpu", cpu, "-L", str(prefix), str(prefix / "usr/bin/python3"), str(RUNNER),
-           str(model_path.resolve()), str(tmp / "inputs.npz"), str(tmp)] + args
-    _check(subprocess.run(cmd, env=_guest_env(), stderr=subprocess.PIPE, text=True), f"emulated {cpu}")
+    cmd = [qemu, "-cpu", cpu, "-L", str(prefix), str(prefix / "usr/bin/python3"), str(RUNNER)] + args
+    _check(subprocess.run(cmd, env=_guest_env(site), stderr=subprocess.PIPE, text=True), f"emulated {cpu}", rt)
 
 
-def _guest_env():
+def _guest_env(site=()):
     # Nothing from the host python (venv, PYTHONPATH) may leak into the arm64 interpreter.
     return {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": "/opt/ffexport/site"}
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": ":".join([*site, "/opt/ffexport/site"])}
 
 
 def _sysroot(qemu, say) -> Path:
-    """The cached arm64 userland (root/ holds /usr, /lib, ... and /opt/ffexport/site); built once."""
-    ort_version = _ort_version()
+    """The cached arm64 userland (root/ holds /usr, /lib, ... and /opt/ffexport/site with numpy and
+    onnxruntime); built once per onnxruntime version."""
+    ort_version = _version(RUNTIMES[BASE])
     base = cache_dir("arm")
     final = base / f"sysroot-v1-ort{ort_version}"
     if (final / "ok").exists():
@@ -219,6 +314,50 @@ def _sysroot(qemu, say) -> Path:
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+def _layer(sysroot: Path, rt: Runtime, qemu, say) -> str:
+    """The guest path of `rt`'s site dir in the sysroot, /opt/ffexport/<name>-<version>; added once.
+
+    A layer per runtime version beside the base site: adding ncnn (or upgrading it) never rebuilds the
+    userland or touches onnxruntime, and a finished layer is one atomic rename.
+    """
+    version = _version(rt)
+    guest = f"/opt/ffexport/{rt.name}-{version}"
+    final = sysroot / "root" / guest.lstrip("/")
+    if final.is_dir():
+        return guest
+    with open(sysroot.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return guest
+        for stale in final.parent.glob(".build-*"):  # left by an interrupted build
+            shutil.rmtree(stale, ignore_errors=True)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{rt.name}-", dir=final.parent))
+        try:
+            t0 = time.monotonic()
+            say(f"adding {rt.dist}=={version} to the arm64 emulation sysroot (first use only)")
+            _pip_install(sysroot / "root", build, [f"{rt.dist}=={version}"], rt.deps, say)
+            say(f"  checking that {rt.name} imports under qemu")
+            prefix = _cpu_prefix(sysroot, "cortex-a72")
+            _sh([qemu, "-cpu", "cortex-a72", "-L", str(prefix), str(prefix / "usr/bin/python3"), "-c",
+                 f"import numpy, {rt.name}"], _guest_env(["/" + str(build.relative_to(sysroot / "root"))]),
+                f"the arm64 {rt.name} does not start under qemu")
+            os.rename(build, final)
+            say(f"arm64 {rt.name} ready ({time.monotonic() - t0:.0f} s, {_du_mb(final):.0f} MB)")
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    return guest
+
+
+def _pip_install(root, target, requirements, deps, say):
+    """aarch64 wheels for the sysroot's python into `target`."""
+    pyver = os.readlink(root / "usr/bin/python3").removeprefix("python")  # e.g. "3.11"
+    say(f"  installing aarch64 wheels: {', '.join(requirements)} (python {pyver})")
+    _sh([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
+         "--target", str(target), "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64",
+         "--platform", "manylinux2014_aarch64", "--python-version", pyver, *requirements]
+        + ([] if deps else ["--no-deps"]), None, f"pip could not fetch aarch64 wheels for {', '.join(requirements)}")
 
 
 def _build_sysroot(build, ort_version, qemu, say):
@@ -261,13 +400,7 @@ def _build_sysroot(build, ort_version, qemu, say):
         _sh(["dpkg-deb", "-x", str(deb), str(root)], env, f"could not unpack {deb.name}")
     shutil.rmtree(apt)
 
-    pyver = os.readlink(root / "usr/bin/python3").removeprefix("python")  # e.g. "3.11"
-    say(f"  installing aarch64 wheels: onnxruntime=={ort_version}, {NUMPY_PIN} (python {pyver})")
-    _sh([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
-         "--target", str(root / "opt/ffexport/site"), "--only-binary=:all:",
-         "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
-         "--python-version", pyver, f"onnxruntime=={ort_version}", NUMPY_PIN],
-        None, f"pip could not fetch aarch64 wheels for onnxruntime=={ort_version}")
+    _pip_install(root, root / "opt/ffexport/site", [f"onnxruntime=={ort_version}", NUMPY_PIN], True, say)
 
     say("  checking that onnxruntime imports under qemu")
     prefix = _cpu_prefix(build, "cortex-a72")

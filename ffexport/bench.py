@@ -12,7 +12,7 @@ from importlib import metadata
 
 import numpy as np
 
-from .targets import TARGETS
+from models import MODELS
 
 CLAIM = "V2 is 2x faster than V1 on mobile"
 
@@ -88,26 +88,31 @@ def time_interleaved(calls: dict, runs: int, warmup: int, budget_s=None) -> dict
 
 
 def worker(job: dict) -> list[dict]:
-    """Measure one (target, size, threads) for all models, interleaving their timed runs."""
+    """Measure one (target, size, threads) for all models, interleaving their timed runs. Artifacts were
+    built by the parent, so this process's peak RSS is inference only."""
     import torch
 
-    target, size, threads = TARGETS[job["target"]], tuple(job["size"]), job["threads"]
+    from .targets import targets
+
+    target, size, threads = targets()[job["target"]], tuple(job["size"]), job["threads"]
     torch.set_num_threads(threads)
-    models = ["blazeface"] if target.peer else job["models"]
+    models = [target.peer] if target.peer else job["models"]
     rng = np.random.default_rng(0)
-    runners, rows, notes = {}, [], {}
+    runners, rows = {}, []
     for m in models:
-        path = target.build(m, size) if not target.peer else None
+        path = job["paths"].get(m)
         runner = target.runner(path, m, threads)
         hw = runner.input_size or size
-        x = rng.integers(0, 255, (1, 3, *hw)).astype(np.float32) - np.array([104, 117, 123], np.float32)[:, None, None]
-        if target.peer:
-            x = runner.prepare_random(rng) if hasattr(runner, "prepare_random") else x
+        if hasattr(runner, "prepare_random"):
+            x = runner.prepare_random(rng)
+        else:
+            x = rng.integers(0, 255, (1, 3, *hw)).astype(np.float32) - np.array([104, 117, 123], np.float32)[:, None, None]
         runners[m] = (path, runner, x)
-    if target.measure:  # timed elsewhere (a device or emulator): one model after the other
+    if target.arm:  # timed on the device (or emulator): one model after the other
         for m, (path, runner, x) in runners.items():
-            times, rss, note = target.measure(path, m, x, threads, job["runs"], job["warmup"])
-            rows.append({"model": m, **_stats(times), "peak_rss_mb": rss, "note": note, "runs": len(times)})
+            r = target.measure(path, x, threads, job["runs"], job["warmup"], job.get("remote"))
+            rows.append({"model": m, **_stats(r["times"]), "peak_rss_mb": r["peak_rss_mb"], "note": r["note"],
+                         "runs": len(r["times"]), "device": r["device"], "max_abs_vs_x86": r["max_abs_vs_x86"]})
         return rows
     times = time_interleaved({m: functools.partial(runner, x) for m, (_, runner, x) in runners.items()},
                              job["runs"], job["warmup"], job.get("budget_s", 120))
@@ -115,7 +120,7 @@ def worker(job: dict) -> list[dict]:
     rss = _peak_rss_mb()
     for m, (_, runner, _) in runners.items():
         size_str = "x".join(map(str, runner.input_size)) if target.peer else None
-        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": runs,
+        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": runs, "device": "local",
                      "note": (f"peer detector at its own input {size_str}" if target.peer else
                               "interleaved with the other model in one process; RSS covers both")})
     return rows
@@ -137,26 +142,41 @@ def run_job(job, timeout=1800) -> list[dict]:
     return [{**base, **r, "status": "ok"} for r in rows]
 
 
-def bench(targets, models, sizes, threads, runs=100, warmup=10, progress=print) -> dict:
-    rows = []
+def bench(targets, models, sizes, threads, runs=100, warmup=10, remote=None, progress=print) -> dict:
+    from .errors import FFExportError
+    from .targets import arm_mode
+    from .targets import targets as all_targets
+
+    table, rows = all_targets(), []
     for name in targets:
-        target = TARGETS[name]
-        reason = target.skip()
+        target = table[name]
+        reason = target.skip(remote)
         for size in sizes:
+            if target.peer and size != sizes[0]:
+                continue  # a peer has one input size of its own
+            size_str = "x".join(map(str, size))
+            paths = {}
+            if not reason:
+                try:  # artifacts are built here, before the timed worker starts
+                    paths = {m: target.build(m, size) for m in ([] if target.peer else models)}
+                except FFExportError as e:
+                    reason_build = f"export failed: {e}"
+                    for th in threads:
+                        rows += [{"target": name, "model": m, "input_size": size_str, "threads": th,
+                                  "status": "failed", "note": reason_build} for m in models]
+                    continue
             for th in threads:
                 if reason:
-                    for m in (["blazeface"] if target.peer else models):
-                        rows.append({"target": name, "model": m, "input_size": "x".join(map(str, size)),
-                                     "threads": th, "status": "skipped", "note": reason})
+                    rows += [{"target": name, "model": m, "input_size": size_str, "threads": th,
+                              "status": "skipped", "note": reason} for m in ([target.peer] if target.peer else models)]
                     continue
-                if target.peer and size != sizes[0]:
-                    continue  # a peer has one input size of its own
-                n_runs, n_warm = (min(runs, 5), min(warmup, 1)) if target.measure and reason is None and \
-                    "emulat" in _arm_mode() else (runs, warmup)
-                progress(f"bench: {name} {size[0]}x{size[1]} threads={th} ({n_runs} runs x {len(models)} models)...")
+                emulated = target.arm and arm_mode(remote) == "emulated"
+                n_runs, n_warm = (min(runs, 5), min(warmup, 1)) if emulated else (runs, warmup)
+                progress(f"bench: {name} {size_str} threads={th} ({n_runs} runs x {len(models)} models)...")
                 t0 = time.time()
-                new = run_job({"target": name, "models": models, "size": list(size), "threads": th,
-                               "runs": n_runs, "warmup": n_warm})
+                new = run_job({"target": name, "models": [target.peer] if target.peer else models,
+                               "size": list(size), "threads": th, "runs": n_runs, "warmup": n_warm,
+                               "paths": paths, "remote": remote})
                 for r in new:
                     progress(f"  {r['model']}: " + (f"median {r['median_ms']:.1f} ms" if r["status"] == "ok"
                                                     else f"{r['status']}: {r['note']}"))
@@ -165,15 +185,14 @@ def bench(targets, models, sizes, threads, runs=100, warmup=10, progress=print) 
     return {"machine": machine_info(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
-def _arm_mode():
-    if platform.machine() in ("aarch64", "arm64"):
-        return "native"
-    return "ssh" if os.environ.get("FFEXPORT_ARM_REMOTE") else "emulated"
+def is_device_timing(row) -> bool:
+    """A timing that says something about a device: measured here or on a real board, never under emulation."""
+    return row.get("status") == "ok" and row.get("device", "local") != "emulated"
 
 
 def ratios(result) -> list[dict]:
     """V2/V1 median latency ratio per (target, size, threads) where both ran."""
-    ok = {(r["target"], r["input_size"], r["threads"], r["model"]): r for r in result["rows"] if r["status"] == "ok"}
+    ok = {(r["target"], r["input_size"], r["threads"], r["model"]): r for r in result["rows"] if is_device_timing(r)}
     out = []
     for (t, s, th, m), r in ok.items():
         if m == "v2" and (t, s, th, "v1") in ok:
@@ -184,6 +203,12 @@ def ratios(result) -> list[dict]:
 
 def verdict(result) -> str:
     rs = [r["ratio"] for r in ratios(result)]
+    emulated = [r for r in result["rows"] if r.get("status") == "ok" and r.get("device") == "emulated"]
+    if not rs and emulated:
+        worst = max(r.get("max_abs_vs_x86", float("nan")) for r in emulated)
+        return (f'Claim "{CLAIM}": not measured — only emulated timings ran (qemu), and an emulator says nothing '
+                f"about device speed. What the emulated run did check: the ARM build's outputs equal this "
+                f"machine's (max abs difference {worst:.2g}). Time on a device: --remote user@host, or an ARM host.")
     if not rs:
         return f'Claim "{CLAIM}": not measured (no target ran both models).'
     lo, hi, med = min(rs), max(rs), float(np.median(rs))
@@ -194,7 +219,8 @@ def verdict(result) -> str:
         word = "NOT SUPPORTED"
     return (f'Claim "{CLAIM}": {word}. Measured V2/V1 latency ratio {lo:.2f}-{hi:.2f} over {len(rs)} '
             f"target/size/thread combinations (median {med:.2f}, i.e. V2 is {speedup:.2f}x the speed of V1). "
-            f"V2 adds three coordinate-attention blocks (+0.03% FLOPs) to V1, so no speed-up is expected.")
+            f"V2 adds three coordinate-attention blocks (+0.03% FLOPs) to V1, so no speed-up is expected."
+            + (f" {len(emulated) // 2} emulated row(s) left out (not device timings)." if emulated else ""))
 
 
 def table(result) -> str:
@@ -210,9 +236,10 @@ def table(result) -> str:
         if any_row["status"] != "ok":
             lines.append(f"| {t} | {s} | {th} | | | | | | | {any_row['status']}: {any_row['note']} |")
             continue
-        if "blazeface" in by_model:
-            b = by_model["blazeface"]
-            lines.append(f"| {t} (peer) | {b['note'].split()[-1]} | {th} | {b['median_ms']:.2f} (BlazeFace) | | | "
+        peer = next((m for m in by_model if m not in MODELS), None)
+        if peer:
+            b = by_model[peer]
+            lines.append(f"| {t} (peer) | {b['note'].split()[-1]} | {th} | {b['median_ms']:.2f} ({peer}) | | | "
                          f"{b['p90_ms']:.2f} | {b['min_ms']:.2f} | {b['peak_rss_mb']} | reference detector |")
             continue
         v1, v2 = by_model.get("v1", {}), by_model.get("v2", {})
@@ -220,7 +247,7 @@ def table(result) -> str:
         lines.append(f"| {t} | {s} | {th} | {fmt(v1, 'median_ms')} | {fmt(v2, 'median_ms')} | "
                      f"{ratio.get(key, '-')} | {fmt(v1, 'p90_ms')}/{fmt(v2, 'p90_ms')} | "
                      f"{fmt(v1, 'min_ms')}/{fmt(v2, 'min_ms')} | {v2.get('peak_rss_mb', '-')} | "
-                     f"{v2.get('note', '') if 'emulated' in v2.get('note', '') or 'arm' in t else 'ok'} |")
+                     f"{_row_note(v2)} |")
     return "\n".join(lines)
 
 
@@ -232,8 +259,7 @@ def plot(result, out):
 
     from .cache import atomic_output
 
-    ok = [r for r in result["rows"] if r["status"] == "ok" and r["model"] in ("v1", "v2")
-          and "emulated" not in r.get("note", "")]
+    ok = [r for r in result["rows"] if is_device_timing(r) and r["model"] in ("v1", "v2")]
     combos = sorted({(r["input_size"], r["threads"]) for r in ok}, key=lambda c: (-int(c[0].split("x")[0]), c[1]))
     targets = list(dict.fromkeys(r["target"] for r in ok))
     fig, axes = plt.subplots(1, max(1, len(combos)), figsize=(4.5 * max(1, len(combos)), 4.2), squeeze=False)
@@ -256,51 +282,11 @@ def plot(result, out):
     plt.close(fig)
 
 
+def _row_note(r) -> str:
+    if r.get("device") in ("emulated", "ssh", "native"):
+        return f"{r.get('note', '')}; max abs vs x86 {r.get('max_abs_vs_x86', float('nan')):.2g}"
+    return "ok"
+
+
 if __name__ == "__main__":
     print(json.dumps(worker(json.loads(sys.argv[1]))))
-
-
-def model_flops(model, size) -> float:
-    """FLOPs (2 x multiply-accumulates) of convolutions and the DCN's column MatMul for one input.
-
-    Elementwise work (activations, bilinear sampling, fusion weights) is left out: it is memory-bound
-    and small next to the convolutions, which is also how the FeatherFace papers count.
-    """
-    import torch
-
-    from models.dcn import DeformableConv2d
-
-    macs = [0]
-
-    def conv_hook(m, inp, out):
-        macs[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def dcn_hook(m, inp, out):
-        macs[0] += out.numel() * m.regular_conv.in_channels * 9  # the sampled-column MatMul
-
-    hooks = []
-    for mod in model.modules():
-        if isinstance(mod, DeformableConv2d):
-            hooks.append(mod.register_forward_hook(dcn_hook))
-        elif isinstance(mod, torch.nn.Conv2d):
-            hooks.append(mod.register_forward_hook(conv_hook))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, *size))
-    for h in hooks:
-        h.remove()
-    return 2.0 * macs[0]
-
-
-def peak_gflops(threads, n=2048, repeats=5) -> float:
-    """This CPU's practical fp32 peak: a large SGEMM in PyTorch (MKL/oneDNN) at `threads` threads."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9

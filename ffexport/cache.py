@@ -11,10 +11,53 @@ from .errors import FFExportError
 
 
 def cache_dir(*parts: str) -> Path:
-    root = Path(os.environ.get("FFEXPORT_CACHE", Path.home() / ".cache" / "ffexport"))
+    env = os.environ.get("FFEXPORT_CACHE")
+    if env is not None and not env.strip():
+        raise FFExportError("FFEXPORT_CACHE is set but empty: unset it or point it at a writable folder")
+    root = Path(env) if env else Path.home() / ".cache" / "ffexport"
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(path)
+    except (FileExistsError, NotADirectoryError):
+        raise FFExportError(f"cache folder {root} is a file, not a folder: set FFEXPORT_CACHE to a writable "
+                            f"folder") from None
+    except OSError as e:
+        raise FFExportError(f"cannot use cache folder {root} ({type(e).__name__}): set FFEXPORT_CACHE to a "
+                            f"writable folder") from None
     return path
+
+
+def read_cached_array(path, shape):
+    """A cached .npy if it is whole: its sha256 sidecar matches and its shape is `shape`; else the entry is
+    discarded (a truncated or garbage cache file is rebuilt, never a reason to fail)."""
+    import numpy as np
+
+    path = Path(path)
+    side = path.with_name(path.name + ".sha256")
+    try:
+        if side.read_text().strip() == sha256sum(path):
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == tuple(shape) and arr.dtype == np.float32:
+                return arr
+    except (OSError, ValueError, EOFError):
+        pass
+    for p in (path, side):
+        p.unlink(missing_ok=True)
+    return None
+
+
+def write_cached_array(path, arr):
+    import numpy as np
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+        digest = sha256sum(tmp)
+    with atomic_output(path.with_name(path.name + ".sha256")) as tmp:
+        Path(tmp).write_text(digest)
 
 
 def sha256sum(path, algo="sha256") -> str:

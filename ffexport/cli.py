@@ -1,7 +1,18 @@
-"""The `ffexport` command: a thin click layer over the library. Errors print as one line."""
+"""The `ffexport` command: a thin click layer over the library.
+
+Export commands are generated from the formats table (ffexport/formats): each format's command, its
+--dcn/--precision/--quantize choices and its own options come from its `Format`. Every error is one line
+(`error: <problem>: <fix>`) and a non-zero status; SIGTERM is handled like SIGINT; every temporary file
+of a run lives in one per-run folder that is always removed.
+"""
 import functools
 import json
+import math
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -9,34 +20,73 @@ import click
 from . import __version__
 from .errors import FFExportError
 
+EXIT_INTERRUPTED = 130
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so every `finally` (temp files, staging folders) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
 
 def user_errors(fn):
-    """Turn FFExportError into 'error: <one line>' and its exit status, never a traceback."""
+    """One line for every way a command can fail; a traceback only with --verbose / FFEXPORT_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .log import set_verbose, verbose
+
+        set_verbose(kwargs.pop("verbose", False))
+        run_tmp = tempfile.mkdtemp(prefix="ffexport-run-")
+        # Every tempfile of this run (ours and the libraries': quantizer, converters) goes in one folder.
+        tempfile.tempdir, previous = run_tmp, tempfile.tempdir
         try:
             return fn(*args, **kwargs)
         except FFExportError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except (KeyboardInterrupt, Terminated) as e:
+            click.echo("error: interrupted: nothing was written (run the command again)", err=True)
+            sys.exit(EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM)
+        except MemoryError:
+            click.echo(f"error: out of memory: use a smaller --input-size, fewer "
+                       f"images, or a machine with more memory", err=True)
+            sys.exit(1)
+        except Exception as e:  # the net, not the fix: each known failure has its own check and message
+            if verbose():
+                import traceback
 
-    return wrapper
+                traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            ctx = click.get_current_context(silent=True)
+            click.echo(f"error: internal error in {ctx.info_name if ctx else 'ffexport'}: {type(e).__name__}: {first} — "
+                       f"please report it (run with --verbose for the traceback)", err=True)
+            sys.exit(1)
+        finally:
+            tempfile.tempdir = previous
+            shutil.rmtree(run_tmp, ignore_errors=True)
+
+    return click.option("--verbose", is_flag=True, help="Show library output and tracebacks.")(wrapper)
 
 
-def parse_size(value):
-    """'640x640' or '640' -> (640, 640); both sides multiples of 32."""
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in str(value).lower().split("x")]
-        h, w = parts if len(parts) == 2 else parts * 2
-    except ValueError:
-        raise FFExportError(f"input size {value!r} is not HxW (e.g. 640x640)") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise FFExportError(f"input size {value} must be positive multiples of 32 (the model downsamples by 32): "
-                            f"try {max(32, round(h / 32) * 32)}x{max(32, round(w / 32) * 32)}")
-    return h, w
+class Finite(click.ParamType):
+    """A float in [lo, hi] (never nan or inf)."""
+
+    name = "float"
+
+    def __init__(self, lo=None, hi=None):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            self.fail(f"{value} is not a number in [{self.lo}, {self.hi}]", param, ctx)
+        return v
 
 
 def write_json(path, obj):
@@ -46,41 +96,99 @@ def write_json(path, obj):
         Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
-model_option = click.option("--model", "model", type=click.Choice(["v1", "v2"]), default="v2", show_default=True,
-                            help="FeatherFace variant.")
+def _model_names():
+    from models import MODELS
+
+    return list(MODELS)
+
+
+def model_option(fn):
+    return click.option("--model", "model", type=click.Choice(_model_names()), default="v2", show_default=True,
+                        help="FeatherFace variant.")(fn)
+
+
 weights_option = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                               help="Checkpoint path (default: the published one, see README).")
+size_option = click.option("--input-size", default="640x640", show_default=True, help="HxW, multiples of 32.")
+conf_option = click.option("--conf", type=Finite(0, 1), default=0.5, show_default=True, help="Score threshold.")
+nms_option = click.option("--nms", type=Finite(0, 1), default=0.4, show_default=True, help="NMS IoU threshold.")
+
+
+def _runtime_names():
+    from .formats import FORMATS
+
+    return [f.name for f in FORMATS if f.runner]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ffexport")
-def main():
+def cli():
     """Export, quantize, verify and benchmark FeatherFace face detectors."""
 
 
-@main.command()
+def main(argv=None):
+    """Entry point: click's own usage errors become one line too."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="ffexport", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "ffexport"
+        click.echo(f"error: {e.format_message()}: see '{cmd} --help'", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("error: interrupted: nothing was written (run the command again)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+
+
+def _explicit(ctx, *names):
+    from click.core import ParameterSource
+
+    return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+
+
+# ---- detect / parity / eval: any artifact, through the formats table ----
+
+@cli.command()
 @click.argument("image", type=click.Path())
 @model_option
 @weights_option
 @click.option("--artifact", type=click.Path(), default=None,
-              help="Run an exported .onnx/.pt/.tflite/.mlpackage instead of the PyTorch model.")
-@click.option("--conf", default=0.5, show_default=True, help="Score threshold.")
-@click.option("--nms", default=0.4, show_default=True, help="NMS IoU threshold.")
+              help="Run an exported file (any format in the table) instead of the PyTorch model.")
+@click.option("--runtime", type=click.Choice(_runtime_names()), default=None,
+              help="Run the artifact with this runtime (e.g. opencv for an .onnx); default: by its suffix.")
+@conf_option
+@nms_option
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write detections as JSON.")
 @click.option("--draw", "draw_out", type=click.Path(), default=None, help="Write the image with boxes.")
 @user_errors
-def detect(image, model, weights, artifact, conf, nms, json_out, draw_out):
+@click.pass_context
+def detect(ctx, image, model, weights, artifact, runtime, conf, nms, json_out, draw_out):
     """Detect faces in IMAGE at its own resolution (fixed-size artifacts: letterboxed)."""
-    from models.preprocess import read_image
-
+    from . import formats
+    from .exporter import check_writable
+    from .images import read_image
     from .runtime import detections_json, load_runner, run_image
 
-    if artifact is None and image.lower().endswith((".onnx", ".pt", ".tflite", ".mlpackage")):
+    if artifact is None and any(image.lower().endswith(s) for f in formats.FORMATS for s in f.suffixes):
         raise FFExportError(f"{image} looks like a model, not an image: use --artifact {image} IMAGE")
+    if artifact is not None and _explicit(ctx, "model", "weights"):
+        raise FFExportError("--model/--weights choose the PyTorch model, but --artifact is given: drop one of them")
     if draw_out and Path(draw_out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
         raise FFExportError(f"cannot write {draw_out}: use a .png or .jpg path for --draw")
+    for path, opt in ((json_out, "--json"), (draw_out, "--draw")):
+        if path:
+            check_writable(path, opt, inputs=(image, artifact, weights))
+    if json_out and draw_out and Path(json_out).resolve() == Path(draw_out).resolve():
+        raise FFExportError("--json and --draw name the same file: give them different paths")
     img = read_image(image)
-    runner = load_runner(artifact, model, weights)
+    runner = load_runner(artifact, model, weights, runtime=runtime)
     dets = run_image(runner, img, conf, nms)
     result = detections_json(image, runner.model or model, dets, {"runtime": runner.kind})
     if json_out:
@@ -99,112 +207,43 @@ def detect(image, model, weights, artifact, conf, nms, json_out, draw_out):
         click.echo(json.dumps(result))
 
 
-def _default_out(model, suffix, tag=""):
-    return f"featherface_{model}{tag}{suffix}"
+def _default_images(limit):
+    from .evaluate import evaluation_keys
+
+    root = os.environ.get("FFEXPORT_WIDERFACE")
+    if not root:
+        raise FFExportError("no images to compare on: pass --images DIR or set FFEXPORT_WIDERFACE")
+    return [p for _, p in evaluation_keys(root, limit)]
 
 
-size_option = click.option("--input-size", default="640x640", show_default=True, help="HxW, multiples of 32.")
-
-
-@main.command()
-@model_option
-@weights_option
-@size_option
-@click.option("--dcn", type=click.Choice(["grid", "gather"]), default="grid", show_default=True,
-              help="Deformable-conv decomposition.")
-@click.option("-o", "--output", default=None, help="Output .pt (default featherface_<model>.pt).")
-@user_errors
-def torchscript(model, weights, input_size, dcn, output):
-    """Export a traced, frozen TorchScript module."""
-    from .export_torchscript import export_torchscript
-    from .weights import load_model
-
-    size = parse_size(input_size)
-    export_torchscript(load_model(model, weights), model, output or _default_out(model, ".pt"), size, dcn)
-
-
-@main.command()
-@model_option
-@weights_option
-@size_option
-@click.option("--dynamic", is_flag=True, help="Dynamic batch/H/W (any multiple of 32).")
-@click.option("--opset", default=19, show_default=True, type=int)
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
-@click.option("--dcn", type=click.Choice(["auto", "native", "grid", "gather", "rows"]), default="auto",
-              show_default=True, help="auto: ONNX DeformConv if onnxruntime runs it, else grid_sample "
-                                      "decomposition. Speeds of each form: benchmarks/RESULTS.md.")
-@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None, help="Post-training quantization.")
-@click.option("--calib", type=click.Path(), default=None,
-              help="Calibration images (WIDER FACE tree or any folder); default: WIDER FACE, see README.")
-@click.option("--calib-size", default=100, show_default=True, help="Number of calibration images.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
-              show_default=True)
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight quantization granularity.")
-@click.option("--target-db", default=50.0, show_default=True,
-              help="int8: keep the worst convs in float until the conf output reaches this SQNR on calibration "
-                   "images. Lower keeps more convs int8 (smaller file, less faithful); see README.")
-@click.option("-o", "--output", default=None, help="Output .onnx (default featherface_<model>[_int8].onnx).")
-@user_errors
-def onnx(model, weights, input_size, dynamic, opset, no_simplify, dcn, quantize, calib, calib_size, calib_method,
-         per_channel, target_db, output):
-    """Export to ONNX (simplified, with metadata), optionally quantized."""
-    from .export_onnx import export_onnx
-    from .weights import load_model
-
-    size = parse_size(input_size)
-    out = output or _default_out(model, ".onnx", f"_{quantize}" if quantize else "")
-    if quantize is None:
-        export_onnx(load_model(model, weights), model, out, size, dynamic, opset, dcn, not no_simplify)
-        return
-    from .quantize import quantize_onnx
-
-    quantize_onnx(load_model(model, weights), model, out, size, quantize, dynamic=dynamic, opset=opset, dcn=dcn,
-                  calib=calib, calib_size=calib_size, method=calib_method, per_channel=per_channel,
-                  target_db=target_db)
-
-
-def _images_in(folder, limit):
-    from .errors import FFExportError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FFExportError(f"image folder {folder} does not exist: pass --images DIR")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise FFExportError(f"no .jpg/.png images under {folder}: pass --images DIR with images")
-    step = max(1, len(files) // limit)
-    return files[::step][:limit]
-
-
-@main.command()
+@cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--images", type=click.Path(), default=None,
               help="Folder of real images (default: WIDER FACE evaluation images, calibration images excluded).")
-@click.option("--limit", default=16, show_default=True, help="At most this many images.")
+@click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="At most this many images.")
+@click.option("--runtime", type=click.Choice(_runtime_names()), default=None,
+              help="Run the artifact with this runtime (e.g. opencv for an .onnx); default: by its suffix.")
 @weights_option
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON.")
-@click.option("--conf", default=0.5, show_default=True)
+@conf_option
 @user_errors
-def parity(artifact, images, limit, weights, json_out, conf):
+def parity(artifact, images, limit, runtime, weights, json_out, conf):
     """Compare ARTIFACT with the PyTorch model on real images (exit 1 if beyond tolerance)."""
+    from models import MODELS
+
+    from .exporter import check_writable
+    from .formats.pytorch import TorchRunner
+    from .images import list_images, spread
     from .parity import compare
-    from .runtime import TorchRunner, load_runner
+    from .runtime import load_runner
     from .weights import load_model
 
-    runner = load_runner(artifact)
-    if runner.model not in ("v1", "v2"):
+    if json_out:
+        check_writable(json_out, "--json", inputs=(artifact, weights))
+    runner = load_runner(artifact, runtime=runtime)
+    if runner.model not in MODELS:
         raise FFExportError(f"{artifact} carries no ffexport model metadata: re-export it with ffexport")
-    if images is None:
-        import os
-
-        from .evaluate import evaluation_keys
-
-        root = os.environ.get("FFEXPORT_WIDERFACE")
-        if not root:
-            raise FFExportError("no images to compare on: pass --images DIR or set FFEXPORT_WIDERFACE")
-        files = [p for _, p in evaluation_keys(root, limit)]
-    else:
-        files = _images_in(images, limit)
+    files = _default_images(limit) if images is None else spread(list_images(images), limit)
     ref = TorchRunner(load_model(runner.model, weights), runner.model)
     report = compare(ref, runner, files, conf=conf, precision=getattr(runner, "precision", "fp32"))
     click.echo(report.summary())
@@ -213,131 +252,274 @@ def parity(artifact, images, limit, weights, json_out, conf):
     sys.exit(0 if report.ok else 1)
 
 
-@main.command(name="eval")
+@cli.command(name="eval")
 @click.argument("artifact", type=click.Path(), required=False)
 @model_option
 @weights_option
+@click.option("--runtime", type=click.Choice(_runtime_names()), default=None,
+              help="Run the artifact with this runtime (e.g. opencv for an .onnx); default: by its suffix.")
 @click.option("--widerface", type=click.Path(), default=None,
               help="WIDER FACE root (WIDER_val/images + ground_truth/*.mat); default $FFEXPORT_WIDERFACE.")
-@click.option("--limit", type=int, default=None, help="Evaluate at most N images (stratified), for a quick look.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate at most N images (stratified), for a quick look.")
+@click.option("--exclude-calibration/--all-images", "exclude", default=None,
+              help="Leave out the calibration-manifest images (default: only when the artifact was calibrated "
+                   "on them).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--preds-dir", type=click.Path(), default=None, help="Also write per-image WIDER FACE txt predictions.")
 @click.option("--dcn", type=click.Choice(["grid", "plain"]), default="grid", show_default=True,
               help="PyTorch model only: 'plain' measures the AP cost of dropping the deformable offsets.")
 @user_errors
-def eval_(artifact, model, weights, widerface, limit, json_out, preds_dir, dcn):
+@click.pass_context
+def eval_(ctx, artifact, model, weights, runtime, widerface, limit, exclude, json_out, preds_dir, dcn):
     """WIDER FACE Easy/Medium/Hard AP (official protocol) of ARTIFACT, or of the PyTorch model."""
-    import os
-
-    from .evaluate import evaluate_runner, format_result
+    from .evaluate import calibrated_on_manifest, evaluate_runner, format_result
+    from .exporter import check_writable
     from .runtime import load_runner
 
     root = widerface or os.environ.get("FFEXPORT_WIDERFACE")
     if not root:
         raise FFExportError("no WIDER FACE folder: pass --widerface DIR or set FFEXPORT_WIDERFACE")
-    runner = load_runner(artifact, model, weights, dcn=dcn)
-    result = evaluate_runner(runner, root, limit, preds_dir)
+    if artifact is not None and artifact.lower().endswith(".pth"):
+        pass  # a checkpoint is the PyTorch model: --model/--dcn apply
+    elif artifact is not None and _explicit(ctx, "model", "weights", "dcn"):
+        raise FFExportError(f"{', '.join('--' + n for n in _explicit(ctx, 'model', 'weights', 'dcn'))} apply to the "
+                            f"PyTorch model only, but {artifact} is given: drop them (the artifact says what it is)")
+    if json_out:
+        check_writable(json_out, "--json", inputs=(artifact,))
+    if preds_dir and Path(preds_dir).exists() and not Path(preds_dir).is_dir():
+        raise FFExportError(f"--preds-dir {preds_dir} is a file, not a folder: choose a folder path")
+    runner = load_runner(artifact, model, weights, dcn=dcn, runtime=runtime)
+    if exclude is None:
+        exclude = calibrated_on_manifest(runner)
+    result = evaluate_runner(runner, root, limit, preds_dir, exclude_calibration=exclude)
     result["dcn"] = dcn if artifact is None else "as exported"
     click.echo(format_result(result))
     if json_out:
         write_json(json_out, result)
 
 
-def _split(value, parse=str):
-    return [parse(v.strip()) for v in str(value).split(",") if v.strip()]
+# ---- bench ----
+
+def _split(value, parse=str, what="value", option=""):
+    try:
+        return [parse(v.strip()) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise FFExportError(f"{option} {value!r} is not a comma-separated list of {what}s: e.g. {option} 1,2") from None
 
 
-@main.command()
+@cli.command()
 @click.option("--target", "targets", default="torch,onnxruntime,onnxruntime-int8", show_default=True,
               help="Comma-separated targets (see README), or 'all'.")
 @click.option("--model", "models", default="v1,v2", show_default=True)
 @click.option("--input-size", "sizes", default="640x640", show_default=True, help="Comma-separated HxW.")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts.")
-@click.option("--runs", default=100, show_default=True)
-@click.option("--warmup", default=10, show_default=True)
-@click.option("--remote", default=None, help="onnxruntime-arm: user@host[:port] of an ARM board reachable by ssh.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--remote", default=None, help="ARM targets: user@host[:port] of an ARM board reachable by ssh.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="PNG of latency per target, V1 vs V2.")
 @user_errors
 def bench(targets, models, sizes, threads, runs, warmup, remote, json_out, plot_out):
     """Latency per target, V1 and V2 interleaved, with the V2/V1 ratio and a verdict on the '2x' claim."""
-    import os
+    from models import MODELS
 
     from . import bench as B
-    from .targets import TARGETS
+    from .exporter import check_writable
+    from .images import parse_size
+    from .targets import targets as all_targets
 
-    names = list(TARGETS) if targets == "all" else _split(targets)
-    unknown = [t for t in names if t not in TARGETS]
-    if unknown:
-        raise FFExportError(f"unsupported target {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
+    table = all_targets()
+    names = list(table) if targets == "all" else _split(targets)
+    unknown = [t for t in names if t not in table]
+    if unknown or not names:
+        raise FFExportError(f"unsupported target {', '.join(unknown) or '(none)'}: choose from {', '.join(table)}")
     models = _split(models)
-    if not models or any(m not in ("v1", "v2") for m in models):
-        raise FFExportError(f"--model takes v1, v2 or v1,v2 (got {','.join(models)})")
-    if runs < 1 or warmup < 0:
-        raise FFExportError("--runs must be >= 1 and --warmup >= 0")
+    if not models or any(m not in MODELS for m in models):
+        raise FFExportError(f"--model takes {', '.join(MODELS)} or {','.join(MODELS)} (got {','.join(models)})")
     size_list = [parse_size(s) for s in _split(sizes)]
-    thread_list = _split(threads, int)
-    if remote:
-        os.environ["FFEXPORT_ARM_REMOTE"] = remote
-    result = B.bench(names, models, size_list, thread_list, runs, warmup,
+    thread_list = _split(threads, int, "whole number", "--threads")
+    if not thread_list or any(t < 1 or t > 256 for t in thread_list):
+        raise FFExportError(f"--threads {threads}: thread counts must be whole numbers from 1 to 256")
+    if not size_list:
+        raise FFExportError("--input-size is empty: give e.g. 640x640")
+    for path, opt in ((json_out, "--json"), (plot_out, "--plot")):
+        if path:
+            check_writable(path, opt)
+    result = B.bench(names, models, size_list, thread_list, runs, warmup, remote=remote,
                      progress=lambda m: click.echo(m, err=True))
     click.echo(B.table(result))
-    click.echo("\n" + B.verdict(result))
     result["ratios"], result["verdict"] = B.ratios(result), B.verdict(result)
+    click.echo("\n" + result["verdict"])
     if json_out:
         write_json(json_out, result)
     if plot_out:
         B.plot(result, plot_out)
+    if not any(r["status"] == "ok" for r in result["rows"]):
+        raise FFExportError("no target ran (every row failed or was skipped, see the table): fix the first "
+                            "failure or choose other --target values")
 
 
-@main.command()
-@model_option
-@weights_option
-@size_option
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8 weights (per-channel linear).")
-@click.option("--calib", type=click.Path(), default=None, help="Calibration images (activation quantization, macOS).")
-@click.option("--calib-size", default=100, show_default=True)
-@click.option("--input-type", type=click.Choice(["image", "tensor"]), default="image", show_default=True)
-@click.option("--dcn", type=click.Choice(["grid", "gather", "plain"]), default="grid", show_default=True,
-              help="plain = regular conv without offsets: an approximation, see README for its AP cost.")
-@click.option("-o", "--output", default=None, help="Output .mlpackage (default featherface_<model>.mlpackage).")
+@cli.command()
+@click.option("--model", "models", default="v1,v2", show_default=True)
+@click.option("--format", "targets", default="torch,onnxruntime,onnxruntime-int8,tflite,tflite-int8",
+              show_default=True, help="Comma-separated bench targets (ffexport info targets), or 'all'.")
+@click.option("--input-size", default="640x640", show_default=True)
+@click.option("--images", type=click.IntRange(min=1), default=None,
+              help="WIDER FACE evaluation images per row (default: all, calibration images excluded).")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--peers", default="yunet,retinaface-1mb,blazeface", show_default=True,
+              help="Comma-separated peer detectors, or 'none'.")
+@click.option("--min-ap", default=None, help="E,M,H floor in AP points (e.g. 90,85,55): exit 1 if a verified "
+                                              "artifact falls below it.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("-o", "--output", "out_dir", default="report", show_default=True, help="Output folder.")
 @user_errors
-def coreml(model, weights, input_size, precision, quantize, calib, calib_size, input_type, dcn, output):
-    """Export a Core ML ML Program (iOS 16+/macOS 13+)."""
-    from .export_coreml import export_coreml
-    from .weights import load_model
+def report(models, targets, input_size, images, threads, peers, min_ap, runs, out_dir):
+    """Every artifact's status, size, parity, WIDER AP and latency, with peer detectors, in one table."""
+    from .images import parse_size
+    from .report import run_report
 
-    if dcn == "plain":
-        _warn_plain()
-    export_coreml(load_model(model, weights), model, output or _default_out(model, ".mlpackage"),
-                  parse_size(input_size), precision, quantize, calib, calib_size, input_type, dcn)
+    floor = None
+    if min_ap:
+        try:
+            floor = tuple(float(v) if v.strip() else None for v in min_ap.split(","))
+        except ValueError:
+            raise FFExportError(f"--min-ap {min_ap}: give three AP floors E,M,H in points, e.g. 90,85,55") from None
+        if len(floor) != 3:
+            raise FFExportError(f"--min-ap {min_ap}: give three AP floors E,M,H in points, e.g. 90,85,55")
+    result = run_report(_split(models), "all" if targets == "all" else _split(targets), parse_size(input_size),
+                        images, threads, () if peers == "none" else _split(peers), floor, out_dir, runs=runs,
+                        progress=lambda m: click.echo(m, err=True))
+    click.echo(Path(out_dir, "report.md").read_text())
+    below = result.get("below_min_ap") or []
+    if below:
+        raise FFExportError(f"{below[0]['message']}" + (f" (and {len(below) - 1} more)" if len(below) > 1 else ""))
 
 
-@main.command()
-@model_option
-@weights_option
-@size_option
-@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None)
-@click.option("--calib", type=click.Path(), default=None)
-@click.option("--calib-size", default=100, show_default=True)
-@click.option("--dcn", type=click.Choice(["rows", "grid", "gather", "plain"]), default="rows", show_default=True,
-              help="rows = exact DCN as a row gather + FULLY_CONNECTED (fast); grid/gather = exact but ~20x "
-                   "slower in TFLite; plain = regular conv without offsets: an approximation, see README.")
-@click.option("-o", "--output", default=None, help="Output .tflite (default featherface_<model>[_int8].tflite).")
+# ---- export commands, one per format, generated from the table ----
+
+def _option_param(o):
+    from .formats.base import Option
+
+    assert isinstance(o, Option)
+    flag = "--" + o.name.replace("_", "-")
+    if o.type is bool:
+        return click.Option([o.flag or f"{flag}/--no-{o.name.replace('_', '-')}", o.name], default=o.default,
+                            show_default=True, help=o.help)
+    if o.choices:
+        kind = click.Choice(list(o.choices))
+    elif o.type is float:
+        kind = Finite(o.min, o.max)
+    elif o.type is int and (o.min is not None or o.max is not None):
+        kind = click.IntRange(o.min, o.max)
+    else:
+        kind = o.type
+    return click.Option([flag, o.name], type=kind, default=o.default, show_default=True, help=o.help)
+
+
+def _export_command(fmt):
+    from . import formats
+
+    src = formats.exporting(fmt)
+    params = [
+        click.Option(["--model"], type=click.Choice(_model_names()), default="v2", show_default=True,
+                     help="FeatherFace variant."),
+        click.Option(["--weights"], type=click.Path(dir_okay=False), default=None,
+                     help="Checkpoint path (default: the published one, see README)."),
+        click.Option(["--input-size"], default="640x640", show_default=True, help="HxW, multiples of 32."),
+    ]
+    if len(fmt.dcn_forms) > 1:
+        params.append(click.Option(["--dcn"], type=click.Choice(list(fmt.dcn_forms)), default=fmt.default_dcn,
+                                   show_default=True, help="Deformable-conv form (README: DCN forms)."))
+    if len(fmt.precisions) > 1:
+        params.append(click.Option(["--precision"], type=click.Choice(list(fmt.precisions)),
+                                   default=fmt.precisions[0], show_default=True, help="Compute precision."))
+    if src.quantize:
+        params.append(click.Option(["--quantize"], type=click.Choice(list(src.quantize)), default=None,
+                                   help="Post-training quantization."))
+    if src.quantize or "fold" in fmt.dcn_forms:
+        params += [click.Option(["--calib"], type=click.Path(), default=None,
+                                help="Calibration images (WIDER FACE tree or any folder); default: WIDER FACE."),
+                   click.Option(["--calib-size"], type=click.IntRange(min=1), default=100, show_default=True,
+                                help="Number of calibration images.")]
+    if "fold" in fmt.dcn_forms:
+        params.append(click.Option(["--fold-keep"], type=click.IntRange(0, 15), default=None,
+                                   help="--dcn fold: keep this many of the most sensitive DCNs exact "
+                                        "(default: measured, see README)."))
+    if src.dynamic:
+        params.append(click.Option(["--dynamic"], is_flag=True, help="Dynamic batch/H/W (any multiple of 32)."))
+    if src.nms:
+        params += [click.Option(["--nms"], is_flag=True, help="Decoding, score threshold and NMS in the graph: "
+                                                              "outputs boxes/scores/landmarks (README)."),
+                   click.Option(["--conf"], type=Finite(0, 1), default=0.5, show_default=True,
+                                help="--nms score threshold."),
+                   click.Option(["--iou"], type=Finite(0, 1), default=0.4, show_default=True,
+                                help="--nms IoU threshold."),
+                   click.Option(["--max-det"], type=click.IntRange(1, 5000), default=300, show_default=True,
+                                help="--nms: at most this many faces.")]
+    if src.image_input:
+        params.append(click.Option(["--image-input"], is_flag=True,
+                                   help="uint8 (1,H,W,3) RGB input; mean subtraction in the graph."))
+    params += [_option_param(o) for o in src.options]
+    params += [click.Option(["-o", "--output"], default=None, help=f"Output {fmt.suffixes[0]} "
+                                                                   f"(default featherface_<model>[_tags]{fmt.suffixes[0]})."),
+               click.Option(["--no-check"], is_flag=True, help="Skip running the artifact against PyTorch."),
+               click.Option(["--verbose"], is_flag=True, help="Show library output and tracebacks.")]
+
+    @user_errors
+    def callback(model, weights, input_size, output, no_check, **kw):
+        from .exporter import export
+        from .formats.base import ExportOptions, NmsOptions
+        from .images import parse_size
+
+        own = {o.name: kw.pop(o.name) for o in src.options}
+        if kw.get("dcn") == "plain":
+            from .plain_cost import PLAIN_DCN_COST
+
+            click.echo(f"warning: --dcn plain drops the deformable offsets: {PLAIN_DCN_COST}", err=True)
+        if kw.get("dcn") != "fold" and kw.get("fold_keep") is not None:
+            raise FFExportError("--fold-keep applies to --dcn fold only: add --dcn fold or drop --fold-keep")
+        nms = NmsOptions(kw["conf"], kw["iou"], kw["max_det"]) if kw.get("nms") else None
+        opts = ExportOptions(input_size=parse_size(input_size), dynamic=kw.get("dynamic", False),
+                             precision=kw.get("precision"), quantize=kw.get("quantize"), dcn=kw.get("dcn"),
+                             calib=kw.get("calib"), calib_size=kw.get("calib_size", 100),
+                             fold_keep=kw.get("fold_keep"), nms=nms,
+                             image_input=kw.get("image_input", False), extra=own)
+        if fmt.export_as:  # a runtime for another format's file (opencv: an ONNX in the form it opens)
+            opts = ExportOptions(**{**opts.__dict__, "dcn": opts.dcn or fmt.default_dcn})
+        export(fmt.name, model, output, opts, weights=weights, check=not no_check)
+
+    return click.Command(fmt.name, params=params, callback=callback,
+                         help=f"Export to {fmt.description}.")
+
+
+def _register_exports():
+    from .formats import FORMATS
+
+    for fmt in FORMATS:
+        if fmt.export is not None:
+            cli.add_command(_export_command(fmt))
+
+
+_register_exports()
+
+
+@cli.command()
+@click.argument("what", type=click.Choice(["formats", "targets"]), default="formats")
 @user_errors
-def tflite(model, weights, input_size, quantize, calib, calib_size, dcn, output):
-    """Export a TFLite flatbuffer (fp32, fp16 weights or full-integer int8)."""
-    from .export_tflite import export_tflite
-    from .weights import load_model
+def info(what):
+    """List the formats (with what each needs and whether it runs here) or the bench targets."""
+    from .formats import FORMATS
+    from .targets import targets
 
-    if dcn == "plain":
-        _warn_plain()
-    out = output or _default_out(model, ".tflite", f"_{quantize}" if quantize else "")
-    export_tflite(load_model(model, weights), model, out, parse_size(input_size), quantize, calib, calib_size, dcn)
-
-
-def _warn_plain():
-    from .plain_cost import PLAIN_DCN_COST
-
-    click.echo(f"warning: --dcn plain drops the deformable offsets: {PLAIN_DCN_COST}", err=True)
+    if what == "targets":
+        for name, t in targets().items():
+            reason = t.skip()
+            click.echo(f"{name:<24} {'ok' if reason is None else 'unavailable: ' + reason}")
+        return
+    for f in FORMATS:
+        export = "" if f.export or f.export_as else " (reference)"
+        ready = f.available() or f.runnable()
+        click.echo(f"{f.name:<12} {', '.join(f.suffixes):<22} {f.description}{export}"
+                   f"{'' if ready is None else '  [' + ready + ']'}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import OUTPUTS
+from .runner import OUTPUTS
 
 # Documented defaults (README "Parity"): what an artifact of each precision must meet.
 TOLERANCES = {
@@ -15,6 +15,9 @@ TOLERANCES = {
     "fp16": {"max_abs": {"conf": 2e-2}, "matched": 0.97, "ap": 0.97},
     "int8": {"max_abs": {}, "matched": 0.90, "ap": 0.95},
 }
+
+
+E2E_LANDMARKS_PX = 0.5  # an fp32 --nms artifact's landmarks vs PyTorch + host decoding, input pixels
 
 
 def tensor_errors(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -97,7 +100,8 @@ class ParityReport:
             lines.append(f"  {k:<10} max|d| {t['max_abs']:.3g}  mean|d| {t['mean_abs']:.3g}  cos {t['cosine']:.6f}"
                          f"  SQNR {t['sqnr_db']:.1f} dB")
         d = self.detections
-        lines.append(f"  detections: {d['count']} vs {d['ref_count']} (PyTorch); matched {d['matched']:.1%} at IoU>=0.5;"
+        lines.append(f"  detections: {d['count']} vs {d['ref_count']} (PyTorch); matched {d['matched']:.1%} at "
+                     f"IoU>={d.get('match_iou', 0.5)}; landmarks max {d.get('landmarks_max_px', 0):.2g} px;"
                      f" score delta mean {d['score_delta_mean']:.2g} max {d['score_delta_max']:.2g};"
                      f" AP vs PyTorch {d['ap']:.4f}")
         lines.append("  PASS" if self.ok else "  FAIL: " + "; ".join(self.failures))
@@ -109,33 +113,43 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
     from tqdm import tqdm
 
     from models.postprocess import detect
-    from models.preprocess import prepare, read_image
+    from models.preprocess import prepare
+
+    from .runtime import decode
+    from ffexport.images import read_image
 
     report = ParityReport(str(getattr(runner, "path", runner.kind)), precision, tolerances=TOLERANCES[precision])
     acc = {k: {"ref": [], "got": []} for k in OUTPUTS}
     stats = {"max_abs": {k: 0.0 for k in OUTPUTS}, "sum_abs": {k: 0.0 for k in OUTPUTS}, "n": {k: 0 for k in OUTPUTS}}
     ref_total, count, tp_all, scores_all, deltas = 0, 0, [], [], []
+    iou = 0.9 if runner.end_to_end and precision == "fp32" else 0.5
+    runner.configure(conf, nms)
+    lm_err = 0.0
     for path in tqdm(images, desc="parity", unit="img", disable=None if progress else True):
         x, scale = prepare(read_image(path), runner.input_size, runner.multiple or 32)
         ref_out, out = ref_runner(x), runner(x)
-        for k, r, g in zip(OUTPUTS, ref_out, out):
-            d = np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64))
-            stats["max_abs"][k] = max(stats["max_abs"][k], float(d.max()))
-            stats["sum_abs"][k] += float(d.sum())
-            stats["n"][k] += d.size
-            # Subsample for cosine/SQNR so memory stays flat over many images.
-            acc[k]["ref"].append(np.asarray(r).ravel()[::7])
-            acc[k]["got"].append(np.asarray(g).ravel()[::7])
+        if not runner.end_to_end:  # an --nms artifact has no raw tensors: it is compared by its detections
+            for k, r, g in zip(OUTPUTS, ref_out, out):
+                d = np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64))
+                stats["max_abs"][k] = max(stats["max_abs"][k], float(d.max()))
+                stats["sum_abs"][k] += float(d.sum())
+                stats["n"][k] += d.size
+                # Subsample for cosine/SQNR so memory stays flat over many images.
+                acc[k]["ref"].append(np.asarray(r).ravel()[::7])
+                acc[k]["got"].append(np.asarray(g).ravel()[::7])
         dref = detect(*(o[0] for o in ref_out), x.shape[2:], scale, conf, nms)
-        dgot = detect(*(o[0] for o in out), x.shape[2:], scale, conf, nms)
-        pairs, tp = match(dref.boxes, dgot.boxes, dgot.scores)
+        dgot = decode(runner, out, x.shape[2:], scale, conf, nms)
+        pairs, tp = match(dref.boxes, dgot.boxes, dgot.scores, iou)
+        if pairs:  # landmark error in input-tensor pixels
+            i, j = np.array(pairs).T
+            lm_err = max(lm_err, float(np.abs(dgot.landmarks[i] - dref.landmarks[j]).max() * scale))
         ref_total += len(dref)
         count += len(dgot)
         tp_all.append(tp)
         scores_all.append(dgot.scores)
         deltas += [abs(float(dgot.scores[i] - dref.scores[j])) for i, j in pairs]
     report.images = len(images)
-    for k in OUTPUTS:
+    for k in OUTPUTS if not runner.end_to_end else ():
         ref, got = np.concatenate(acc[k]["ref"]), np.concatenate(acc[k]["got"])
         t = tensor_errors(ref, got)
         t["max_abs"] = stats["max_abs"][k]
@@ -146,13 +160,19 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
     report.detections = {"ref_count": ref_total, "count": count, "matched": float(tp.sum() / max(ref_total, 1)),
                          "score_delta_mean": float(np.mean(deltas)) if deltas else 0.0,
                          "score_delta_max": float(np.max(deltas)) if deltas else 0.0,
-                         "ap": average_precision(tp, scores, ref_total)}
+                         "ap": average_precision(tp, scores, ref_total), "match_iou": iou,
+                         "landmarks_max_px": lm_err}
     tol = TOLERANCES[precision]
     for k, limit in tol["max_abs"].items():
-        if report.tensors[k]["max_abs"] > limit:
+        if k in report.tensors and report.tensors[k]["max_abs"] > limit:
             report.failures.append(f"{k} max abs error {report.tensors[k]['max_abs']:.3g} > {limit:g}")
     if report.detections["matched"] < tol["matched"]:
         report.failures.append(f"matched {report.detections['matched']:.1%} < {tol['matched']:.0%}")
+    if runner.end_to_end and precision == "fp32":  # README: --nms artifacts, fp32
+        if lm_err > E2E_LANDMARKS_PX:
+            report.failures.append(f"landmarks differ by {lm_err:.2g} px > {E2E_LANDMARKS_PX} px")
+        if abs(count - ref_total) > 0.01 * max(ref_total, 1):
+            report.failures.append(f"{count} detections vs {ref_total} (PyTorch): more than 1% apart")
     if report.detections["ap"] < tol["ap"]:
         report.failures.append(f"AP vs PyTorch {report.detections['ap']:.4f} < {tol['ap']}")
     return report

@@ -1,14 +1,20 @@
-"""Reference points for the benchmark.
+"""Peer face detectors: what a mobile engineer would ship instead of FeatherFace, measured the same way.
+
+`PEERS` is the table (upstream file, sha256, license, published WIDER FACE AP, natural input size, detector).
+Every detector has one API: `detect(img_bgr, threshold, iou) -> (K, 5)` x1, y1, x2, y2, score in original-image
+pixels, `__call__(x)` on a raw input (for timing), `prepare_random(rng)` and `input_size`.
 
 - MediaPipe BlazeFace, the face detector phones already ship. Its .tflite files are taken from the
   mediapipe 0.10.21 wheel (fetched with pip, never installed: mediapipe pins numpy < 2), verified by
   sha256 and cached; an installed mediapipe whose packaged file has the same sha256 is used as is.
-- ExecuTorch (PyTorch's on-device runtime) with the XNNPACK backend: export and run a FeatherFace .pte.
-  Validated with torch 2.13.0: executorch 1.4.x (the release built for it) and 1.5.x (no torch pin).
+- YuNet (OpenCV's `cv2.FaceDetectorYN`): its ONNX in onnxruntime, decoded as OpenCV does.
+- RetinaFace-MobileNet0.25 "1MB", slim and RFB (Face-Detector-1MB-with-landmark): `models/face1mb.py`.
+
+The URL peers' files are downloaded into the cache and kept only if their sha256 matches; a folder of
+copies can stand in for the network (`FFEXPORT_PEERS_DIR`), again only for files whose sha256 matches.
 """
 import hashlib
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -19,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_output, cache_dir
+from models.postprocess import nms
+from models.preprocess import MEAN_BGR, letterbox, to_tensor
+
+from .cache import atomic_output, cache_dir, download, sha256sum
 from .errors import FFExportError
-from .runtime import Runner
+from .runner import Runner
 
 MEDIAPIPE_VERSION = "0.10.21"
 WHEEL = f"mediapipe=={MEDIAPIPE_VERSION}"
@@ -30,6 +39,7 @@ WHEEL = f"mediapipe=={MEDIAPIPE_VERSION}"
 WHEEL_PLATFORM = "manylinux_2_28_x86_64"
 WHEEL_FILE = f"mediapipe-{MEDIAPIPE_VERSION}-cp311-cp311-{WHEEL_PLATFORM}.whl"
 WHEEL_ENV = "FFEXPORT_MEDIAPIPE_WHEEL"  # a wheel downloaded by hand, for machines without PyPI access
+PEERS_DIR_ENV = "FFEXPORT_PEERS_DIR"    # a folder of peer files (sha256-checked), for machines without network
 
 
 @dataclass(frozen=True)
@@ -107,10 +117,13 @@ def _fetch_wheel(tmp: str) -> Path:
 def blazeface_model(variant: str = "short_range") -> Path:
     """Path to BlazeFace's .tflite (`short_range` 128x128 or `full_range` 192x192), sha256-verified.
 
-    Order: the ffexport cache, an installed mediapipe's own file, else the mediapipe 0.10.21 wheel
+    Order: $FFEXPORT_PEERS_DIR, the ffexport cache, an installed mediapipe's own file, else the mediapipe 0.10.21 wheel
     fetched with pip (not installed) and both variants extracted into the cache.
     """
     v = _variant(variant)
+    local = _local_copy(v.file, v.sha256, f"BlazeFace {variant}", f"the {WHEEL} wheel")
+    if local:
+        return local
     dest = cache_dir("peers") / v.file
     if dest.is_file() and _sha256(dest.read_bytes()) == v.sha256:
         return dest
@@ -144,19 +157,6 @@ def _anchors(v: BlazeFaceVariant) -> np.ndarray:
         centres = np.stack([xs.ravel(), ys.ravel()], 1)
         out.append(np.repeat(centres, per_cell, axis=0))
     return np.concatenate(out).astype(np.float32)
-
-
-def _nms(boxes, scores, iou=0.3):
-    order, keep = np.argsort(-scores), []
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
-        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-        order = rest[inter / (areas[i] + areas[rest] - inter + 1e-9) <= iou]
-    return np.array(keep, int)
 
 
 def _sigmoid(x):
@@ -244,104 +244,342 @@ class BlazeFaceRunner(Runner):
         half = reg[:, 2:4] / size / 2
         boxes = np.concatenate([centre - half, centre + half], 1) * size  # letterboxed pixels
         boxes = (boxes - [left, top, left, top]) / scale
-        k = _nms(boxes, scores, iou)
+        k = nms(boxes, scores, iou)
         return np.concatenate([boxes[k], scores[k, None]], 1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ExecuTorch (XNNPACK)
+# Files of the URL peers: FFEXPORT_PEERS_DIR, else the cache, else downloaded (sha256-checked every time)
 
-EXECUTORCH_FIX = "pip install 'executorch>=1.4,<1.6' 'torch==2.13.0' (the releases validated with torch 2.13)"
-
-
-def executorch_available() -> str | None:
-    """None when ExecuTorch can export and run here, else the one-line reason (for the bench's skip)."""
-    if importlib.util.find_spec("executorch") is None:
-        return f"executorch is not installed: {EXECUTORCH_FIX}"
-    from importlib.metadata import version
-
-    import torch
-
-    et, tv = version("executorch"), torch.__version__.split("+")[0]
-    if not (et.startswith(("1.4.", "1.5.")) and tv.startswith("2.13.")):
-        return f"executorch {et} with torch {tv} is not a validated pair: {EXECUTORCH_FIX}"
-    return None
+@dataclass(frozen=True)
+class PeerFile:
+    name: str      # file name in the cache and in a FFEXPORT_PEERS_DIR folder
+    url: str       # upstream, pinned to a commit
+    sha256: str
 
 
-def executorch_export(model, out, input_size=(640, 640), name=None, dcn="grid") -> Path:
-    """Export `model` (1x3xHxW float input) to an ExecuTorch .pte delegated to XNNPACK (fp32).
+def _local_copy(name, sha256, what, source):
+    """`name` in $FFEXPORT_PEERS_DIR if there, refused (one line) if its sha256 is not the published one."""
+    folder = os.environ.get(PEERS_DIR_ENV)
+    path = Path(folder) / name if folder else None
+    if path is None or not path.is_file():
+        return None
+    got = sha256sum(path)
+    if got != sha256:
+        raise FFExportError(f"{path} has sha256 {got[:12]}…, expected {sha256[:12]}… (not the published {what} "
+                            f"file): replace it with {name} from {source}, or unset {PEERS_DIR_ENV}")
+    return path
 
-    FeatherFace's deformable convolutions use the "grid" form (grid_sample): "gather" exports too but runs
-    ~3x slower, since ExecuTorch runs the ops XNNPACK lacks with its portable (scalar) kernels.
-    Metadata (ffexport's usual fields) is stored in the program as the constant method "ffexport_json".
-    """
-    reason = executorch_available()
-    if reason:
-        raise FFExportError(reason)
-    import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
 
-    from models.dcn import set_dcn_form
+def peer_file(f: PeerFile, what: str) -> Path:
+    """Path to `f`, sha256-verified: a copy in $FFEXPORT_PEERS_DIR, the cache, else downloaded into the cache."""
+    local = _local_copy(f.name, f.sha256, what, f.url)
+    if local:
+        return local
+    dest = cache_dir("peers") / f.name
+    if dest.is_file() and sha256sum(dest) == f.sha256:
+        return dest
+    return download(f.url, dest, f.sha256, f"{what} ({f.name})",
+                    f"check the network, or download it by hand into a folder and set {PEERS_DIR_ENV}=<folder>")
 
-    from .meta import artifact_metadata
-    from .weights import which_model
 
-    name = name or which_model(model.state_dict())
-    set_dcn_form(model.eval(), dcn)
-    if name:
-        meta = artifact_metadata(model, name, input_size, dcn)
-    else:
-        meta = {"input_size": "x".join(map(str, input_size))}
-    meta["runtime"] = "executorch (xnnpack)"
+# ----------------------------------------------------------------------------------------------------------
+# Input sizes. A peer runs at (H, W) letterboxed (ffexport's letterbox: aspect kept, top-left, mean-colour
+# padding), at an int long side (aspect kept, no padding: the 1MB family's published protocol), or at
+# ORIGINAL size (YuNet's published protocol in the OpenCV zoo).
+
+ORIGINAL = "original"
+
+
+def _size(size):
+    if size == ORIGINAL or isinstance(size, (int, np.integer)):
+        return size if size == ORIGINAL else int(size)
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, (torch.zeros(1, 3, *input_size),))
-            program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                                  constant_methods={"ffexport_json": json.dumps(meta)})
-            buffer = program.to_executorch().buffer
-    finally:
-        set_dcn_form(model, "grid")
-    with atomic_output(out) as tmp:
-        Path(tmp).write_bytes(buffer)
-    print(f"wrote {out} (ExecuTorch XNNPACK fp32, {'x'.join(map(str, input_size))}, dcn={dcn}, "
-          f"{len(buffer) / 1e6:.1f} MB)", file=sys.stderr)
-    return Path(out)
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise FFExportError(f"peer input size {size!r} is not (H, W), a long side or {ORIGINAL!r}: "
+                            f"use e.g. (640, 640)") from None
+    return h, w
 
 
-class ExecuTorchRunner(Runner):
-    """Runs a .pte from executorch_export with the ExecuTorch Python runtime.
+def describe_size(size) -> str:
+    if size == ORIGINAL:
+        return "original image size"
+    if isinstance(size, int):
+        return f"long side {size} (aspect kept, no padding)"
+    return f"letterboxed to {size[0]}x{size[1]}"
 
-    `threads` sizes ExecuTorch's process-wide threadpool (used by XNNPACK), so the last runner made wins.
-    """
 
-    kind = "executorch"
+def _fit(img, size):
+    """(model image, scale) for `size`; original pixel = model pixel / scale."""
+    if size == ORIGINAL:
+        return img, 1.0
+    if isinstance(size, int):
+        h, w = img.shape[:2]
+        s = size / max(h, w)
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+    return letterbox(img, size)
 
-    def __init__(self, path, threads=None):
-        reason = executorch_available()
-        if reason:
-            raise FFExportError(reason)
-        import executorch.extension.pybindings.portable_lib as pl
-        from executorch.runtime import Runtime
 
-        if threads:
-            pl._unsafe_reset_threadpool(int(threads))
-        self.path = Path(path)
+def _rows(boxes, scores):
+    return np.concatenate([boxes, scores[:, None]], 1).astype(np.float32).reshape(-1, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detectors
+
+class BlazeFaceDetector(BlazeFaceRunner):
+    """BlazeFace with the peers' constructor: size None or 128 -> short range, 192 -> full range."""
+
+    def __init__(self, size=None, threads=1):
+        sides = {v.size: name for name, v in VARIANTS.items()}
+        size = (128, 128) if size is None else _size(size)
+        side = size if isinstance(size, int) else size[0]
+        if size == ORIGINAL or (not isinstance(size, int) and size[0] != size[1]) or side not in sides:
+            raise FFExportError(f"BlazeFace runs only at its fixed inputs ({', '.join(f'{s}x{s}' for s in sides)}), "
+                                f"not {size}: choose one of those")
+        super().__init__(None, threads, sides[side])
+        self.size = (side, side)
+
+
+class Face1MBDetector(Runner):
+    """A Face-Detector-1MB model in PyTorch; `__call__` takes BGR minus (104, 117, 123), 1x3xHxW, any size."""
+
+    kind = "pytorch"
+    peer = arch = None
+
+    def __init__(self, size=None, threads=None):
+        import torch
+
+        from models import face1mb
+
+        p = PEERS[self.peer]
+        self.model, self.spec = self.peer, face1mb.ARCHS[self.arch]
+        self.path = peer_file(p.files[0], p.title)
         try:
-            program = Runtime.get().load_program(self.path)
-            self.method = program.load_method("forward")
+            self.net = face1mb.load(self.arch, self.path)
         except Exception as e:
-            raise FFExportError(f"{path} is not a loadable ExecuTorch program ({str(e)[:120]}): "
-                                f"re-export it with executorch_export") from None
-        meta = {}
-        if "ffexport_json" in program.method_names:
-            meta = json.loads(program.load_method("ffexport_json").execute([])[0])
-        self.meta, self.model = meta, meta.get("model")
-        sizes = self.method.metadata.input_tensor_meta(0).sizes()
-        self.input_size = tuple(int(s) for s in sizes[2:])
+            raise FFExportError(f"{self.path} does not load into {p.title} ({str(e).splitlines()[0][:120]}): "
+                                f"delete it and let ffexport fetch it again") from None
+        if threads:
+            torch.set_num_threads(threads)
+        self.size = p.natural if size is None else _size(size)
+        # Timed at the largest input the size allows: 640x640 for "long side 640".
+        side = self.size if isinstance(self.size, int) else None
+        self.input_size = (side, side) if side else None if self.size == ORIGINAL else self.size
 
     def __call__(self, x):
         import torch
 
-        outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(x, np.float32))])
-        return tuple(o.numpy() for o in outs)
+        with torch.inference_mode():
+            return tuple(t.numpy() for t in self.net(torch.from_numpy(np.ascontiguousarray(x, np.float32))))
+
+    def prepare_random(self, rng):
+        hw = self.input_size or (640, 640)
+        return rng.integers(0, 255, (1, 3, *hw)).astype(np.float32) - np.array(MEAN_BGR, np.float32)[:, None, None]
+
+    def detect(self, img_bgr, threshold=0.5, iou=0.4) -> np.ndarray:
+        from models.postprocess import detect
+
+        boxed, scale = _fit(img_bgr, self.size)
+        x = to_tensor(boxed)
+        loc, conf, landm = self(x)
+        d = detect(loc[0], conf[0], landm[0], x.shape[2:], scale, threshold, iou,
+                   min_sizes=self.spec.min_sizes, steps=self.spec.steps)
+        return _rows(d.boxes, d.scores)
+
+
+class RetinaFace1MB(Face1MBDetector):
+    peer, arch = "retinaface-1mb", "mnet"
+
+
+class Slim1MB(Face1MBDetector):
+    peer, arch = "slim", "slim"
+
+
+class RFB1MB(Face1MBDetector):
+    peer, arch = "rfb", "rfb"
+
+
+class YuNetDetector(Runner):
+    """YuNet's ONNX in onnxruntime, decoded as OpenCV's FaceDetectorYN does (face_detect.cpp).
+
+    `__call__` takes raw BGR 0-255, 1x3xHxW (H, W multiples of 32), and returns the 12 outputs cls_*, obj_*,
+    bbox_*, kps_* (strides 8/16/32, the file's order). The fixed 640x640 file runs at 640x640, the dynamic
+    file at any other size.
+    """
+
+    kind = "onnxruntime"
+    model = "yunet"
+    STRIDES = (8, 16, 32)
+
+    def __init__(self, size=None, threads=1):
+        import onnxruntime as ort
+
+        p = PEERS["yunet"]
+        self.size = p.natural if size is None else _size(size)
+        f = p.files[0] if self.size == (640, 640) else p.files[1]
+        self.path = peer_file(f, p.title)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise FFExportError(f"{self.path} is not an ONNX model onnxruntime can load ({str(e).splitlines()[0][:120]}): "
+                                f"delete it and let ffexport fetch it again") from None
+        self.names = [o.name for o in self.session.get_outputs()]
+        if isinstance(self.size, tuple):
+            self.input_size = tuple(-(-v // 32) * 32 for v in self.size)
+        else:
+            self.input_size = (-(-self.size // 32) * 32,) * 2 if isinstance(self.size, int) else None
+            self.multiple = 32
+
+    def __call__(self, x):
+        return self.session.run(None, {"input": np.ascontiguousarray(x, np.float32)})
+
+    def prepare_random(self, rng):
+        return rng.integers(0, 255, (1, 3, *(self.input_size or (640, 640)))).astype(np.float32)
+
+    def prepare(self, img_bgr):
+        """(input 1x3xHxW, scale): fitted to the size, then padded bottom/right with black to a multiple of 32
+        as FaceDetectorYN pads (so the model sees what it sees under OpenCV)."""
+        import cv2
+
+        boxed, scale = _fit(img_bgr, self.size)
+        h, w = boxed.shape[:2]
+        boxed = cv2.copyMakeBorder(boxed, 0, -(-h // 32) * 32 - h, 0, -(-w // 32) * 32 - w, cv2.BORDER_CONSTANT, value=0)
+        return np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], np.float32), scale
+
+    def decode(self, outputs, input_hw, threshold):
+        """(boxes (N, 4) x1, y1, x2, y2 in input pixels, scores (N,)) of the anchors scoring >= threshold."""
+        out = dict(zip(self.names, outputs))
+        H, W = input_hw
+        boxes, scores = [], []
+        for s in self.STRIDES:
+            cols = W // s
+            # Clamped as OpenCV does: the file already applies the sigmoid.
+            score = np.sqrt(np.clip(out[f"cls_{s}"][0, :, 0], 0, 1) * np.clip(out[f"obj_{s}"][0, :, 0], 0, 1))
+            idx = np.nonzero(score >= threshold)[0]
+            r, c = np.divmod(idx, cols)
+            b = out[f"bbox_{s}"][0, idx]
+            cx, cy = (c + b[:, 0]) * s, (r + b[:, 1]) * s
+            w, h = np.exp(b[:, 2]) * s, np.exp(b[:, 3]) * s
+            boxes.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1))
+            scores.append(score[idx])
+        return np.concatenate(boxes).astype(np.float32), np.concatenate(scores).astype(np.float32)
+
+    def detect(self, img_bgr, threshold=0.5, iou=0.4, pre_nms_top_k=5000, keep_top_k=750) -> np.ndarray:
+        x, scale = self.prepare(img_bgr)
+        boxes, scores = self.decode(self(x), x.shape[2:], threshold)
+        # The same top-k limits as FeatherFace's decoding, so both are scored alike.
+        order = np.argsort(-scores, kind="stable")[:pre_nms_top_k]
+        boxes, scores = boxes[order], scores[order]
+        # OpenCV suppresses on integer rectangles (Rect2i of x, y, w, h): the same here, so the two keep the
+        # same faces when an overlap sits at the threshold.
+        xy, wh = np.trunc(boxes[:, :2]), np.trunc(boxes[:, 2:] - boxes[:, :2])
+        keep = nms(np.concatenate([xy, xy + wh], 1), scores, iou)[:keep_top_k]
+        return _rows(boxes[keep] / scale, scores[keep])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    title: str
+    files: tuple        # PeerFile, primary first (BlazeFace's come from the mediapipe wheel, see blazeface_model)
+    license: str
+    published: dict | None  # WIDER FACE val AP as published: easy, medium, hard, protocol, source
+    natural: object     # input size it is published at: (H, W), a long side, or ORIGINAL
+    detector: type      # detector(size=None, threads=1); size None = natural
+
+    def create(self, size=None, threads=1):
+        return self.detector(size=size, threads=threads)
+
+
+_YUNET = "https://github.com/ShiqiYu/libfacedetection.train/raw/0047ac24afb1a50a0c6105001c89d1b5b805dbf1/onnx/"
+_FACE1MB = "https://github.com/biubug6/Face-Detector-1MB-with-landmark/raw/2b075657aef954b9426f938ac7fce100b6910fe6/weights/"
+_FACE1MB_PROTOCOL = "WIDER FACE val, long side 640, single scale (Face-Detector-1MB-with-landmark README)"
+
+
+def _published(easy, medium, hard, protocol):
+    return {"easy": easy, "medium": medium, "hard": hard, "protocol": protocol}
+
+
+PEERS = {
+    "blazeface": Peer(
+        "blazeface", "MediaPipe BlazeFace (short range)",
+        (PeerFile(VARIANTS["short_range"].file, f"https://pypi.org/project/mediapipe/{MEDIAPIPE_VERSION}/ "
+                  f"({WHEEL_FILE}: {MEMBER_DIR}{VARIANTS['short_range'].file})", VARIANTS["short_range"].sha256),),
+        "Apache-2.0", None, (128, 128), BlazeFaceDetector),
+    "yunet": Peer(
+        "yunet", "YuNet (yunet_n, OpenCV FaceDetectorYN)",
+        (PeerFile("yunet_n_640_640.onnx", _YUNET + "yunet_n_640_640.onnx",
+                  "25a606a145a5b6d7271ae138fbd00eba91dad8b83222ae3f2c7ecd0f4a7b0e31"),
+         PeerFile("yunet_n_dynamic.onnx", _YUNET + "yunet_n_dynamic.onnx",
+                  "104ee26c71d5c270ce79a6b3dced91c91013260d29a6bf18f9296c5b8c4c2b12")),
+        "Apache-2.0",
+        _published(0.884, 0.866, 0.750, "WIDER FACE val, original image size, fp32 (OpenCV zoo)"),
+        (640, 640), YuNetDetector),
+    "retinaface-1mb": Peer(
+        "retinaface-1mb", "RetinaFace-MobileNet0.25 (Face-Detector-1MB)",
+        (PeerFile("retinaface_mnet025_1mb.pth", _FACE1MB + "mobilenet0.25_Final.pth",
+                  "ed6fa7d45a5179f03cb5ce82c73b0c6711372968e53782e88395acee88d319e1"),),
+        "MIT", _published(0.873, 0.836, 0.638, _FACE1MB_PROTOCOL), 640, RetinaFace1MB),
+    "slim": Peer(
+        "slim", "Face-Detector-1MB slim",
+        (PeerFile("face1mb_slim.pth", _FACE1MB + "slim_Final.pth",
+                  "76cdb587b2cf5f91b3836b66a652a0f7a91891758cd4fb0b07e4b7527af1c651"),),
+        "MIT", _published(0.850, 0.808, 0.595, _FACE1MB_PROTOCOL), 640, Slim1MB),
+    "rfb": Peer(
+        "rfb", "Face-Detector-1MB RFB",
+        (PeerFile("face1mb_rfb.pth", _FACE1MB + "RBF_Final.pth",
+                  "b22c45855bff5c4eb84e9973e2ee8a980639aa194ec66f33a87ce712f9d44c28"),),
+        "MIT", _published(0.865, 0.828, 0.622, _FACE1MB_PROTOCOL), 640, RFB1MB),
+}
+
+
+def get_peer(name) -> Peer:
+    if name not in PEERS:
+        raise FFExportError(f"unknown peer {name!r}: choose one of {', '.join(PEERS)}")
+    return PEERS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# WIDER FACE AP by ffexport's protocol (same images, conf 0.02, NMS 0.4, official scoring)
+
+def peer_predictions(detector, items, size=None, progress=True) -> dict:
+    """key -> (K, 5) detections over `items` [(key, path)]; `detector` is a detector or a peer name (built
+    at `size`, None = its natural size)."""
+    from tqdm import tqdm
+
+    from .evaluate import EVAL_CONF, EVAL_NMS
+    from .images import read_image
+
+    if isinstance(detector, str):
+        detector = get_peer(detector).create(size)
+    elif size is not None and _size(size) != detector.size:
+        raise FFExportError(f"the {detector.model} detector runs at {detector.size}, not {size}: "
+                            f"pass its peer name to build it at that size")
+    return {key: detector.detect(read_image(path), EVAL_CONF, EVAL_NMS)
+            for key, path in tqdm(items, desc=f"evaluating {detector.model}", unit="img",
+                                  disable=None if progress else True)}
+
+
+def evaluate_peer(name, root, limit=None, size=None, threads=1, progress=True) -> dict:
+    """WIDER FACE Easy/Medium/Hard AP of peer `name` at `size` (None = natural), on the images
+    `ffexport eval` scores (`evaluation_keys(root, limit)`), with its published numbers alongside."""
+    from .evaluate import EVAL_CONF, EVAL_NMS, evaluation_keys
+    from .widerface import evaluate, load_ground_truth
+
+    peer = get_peer(name)
+    det = peer.create(size, threads)
+    items = evaluation_keys(root, limit)
+    preds = peer_predictions(det, items, progress=progress)
+    result = evaluate(preds, load_ground_truth(root), images=[k for k, _ in items], progress=progress)
+    result.update(peer=name, resolution=describe_size(det.size), conf=EVAL_CONF, nms=EVAL_NMS,
+                  runtime=det.describe(), published=peer.published)
+    return result

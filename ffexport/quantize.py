@@ -7,20 +7,15 @@ Which nodes run in int8 is decided in two steps, and every node kept in float is
    images, find the nodes where the signal is lost (SQNR in minus SQNR out), keep the worst in float,
    and repeat until the outputs reach a target SQNR.
 """
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_output
 from .errors import FFExportError
+from .log import log, quiet
 from .parity import sqnr_db
-
-
-def log(msg):
-    print(msg, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -197,29 +192,21 @@ class _Reader:
         self.i = 0
 
 
-def quantize_onnx(model, name, out, size=(640, 640), mode="int8", dynamic=False, opset=19, dcn="auto", calib=None,
-                  calib_size=100, method="percentile", per_channel=True, target_db=50.0, max_rounds=8):
-    """Export `model` to ONNX and quantize it; writes `out` atomically."""
-    import onnx
-
-    from .export_onnx import export_onnx, set_metadata
+def quantize_onnx(fp32, out, size=(640, 640), mode="int8", calib=None, calib_size=100, method="percentile",
+                  per_channel=True, target_db=50.0, max_rounds=8) -> dict:
+    """Quantize the fp32 ONNX file `fp32` into `out`; returns the metadata entries that describe it."""
+    import shutil
 
     if mode not in ("int8", "fp16"):
         raise FFExportError(f"unknown --quantize {mode}: use int8 or fp16")
     with tempfile.TemporaryDirectory() as tmpdir:
-        fp32 = Path(tmpdir) / "fp32.onnx"
-        proto = export_onnx(model, name, fp32, size, dynamic, opset, dcn)
-        meta = {p.key: p.value for p in proto.metadata_props}
         if mode == "fp16":
             quantized, extra = _fp16(fp32, Path(tmpdir))
         else:
             quantized, extra = _int8(fp32, Path(tmpdir), size, calib, calib_size, method, per_channel, target_db,
                                      max_rounds)
-        q = onnx.load(str(quantized))
-        set_metadata(q, {**meta, "quantization": mode, **extra})
-        with atomic_output(out) as tmp:
-            onnx.save(q, str(tmp))
-    log(f"wrote {out} ({mode}, {Path(out).stat().st_size / 1e6:.2f} MB)")
+        shutil.move(str(quantized), str(out))
+    return {"quantization": mode, **extra}
 
 
 def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db, max_rounds=8):
@@ -229,7 +216,8 @@ def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db,
     batch, root = _calibration_batch(calib, calib_size, size)
     pre = tmpdir / "pre.onnx"
     # Pre-processing folds BatchNorm into convs and fuses, so int8 convs are not split by float islands.
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    with quiet("onnxruntime", "root"):
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     out = tmpdir / "int8.onnx"
@@ -240,10 +228,12 @@ def _int8(fp32, tmpdir, size, calib, calib_size, method, per_channel, target_db,
 
     def quantize(nodes):
         # Ranges come from the calibration cache: calibrated once, reused every round.
-        quantize_static(str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        # This CPU has VNNI, so the full uint8 range is safe (no reduce_range).
-                        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=nodes, calibrate_method=methods[method], calibration_cache_path=cache)
+        with quiet("onnxruntime", "root"):
+            quantize_static(str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            # This CPU has VNNI, so the full uint8 range is safe (no reduce_range).
+                            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=nodes, calibrate_method=methods[method],
+                            calibration_cache_path=cache)
         return out
 
     log("measuring int8 error per node...")

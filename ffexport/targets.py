@@ -1,186 +1,123 @@
-"""The benchmark targets, one table: adding a runtime is adding one entry.
+"""Bench targets, derived from the formats table: a target is a format x a precision x where it runs
+(here, or on an ARM device: native, over ssh, or emulated), plus the peer detectors as reference rows.
 
-Each target builds (or reuses from the cache) its artifact for a model and input size, and makes a
-runner; `skip()` returns why a target cannot run here (None when it can). Targets that time on
-another device (onnxruntime-arm) supply their own `measure`.
+onnx gives `onnxruntime`, `onnxruntime-int8`, `onnxruntime-fp16`, `onnxruntime-arm`, `onnxruntime-arm-int8`;
+tflite gives `tflite`, `tflite-int8`, ...; nothing here names a format.
 """
-import os
 import platform
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from . import __version__, formats
 from .cache import cache_dir
+from .formats.base import ExportOptions, Format
 
 
-def _have(module):
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def artifact_path(target, model, size, suffix):
-    from .weights import resolve
-    from .cache import sha256sum
-
-    sha = sha256sum(resolve(model))[:10]
-    return cache_dir("bench", f"ffexport-{__version__}") / f"{model}-{sha}-{size[0]}x{size[1]}-{target}{suffix}"
-
-
-def _cached(target, suffix, export):
-    """build(model, size) -> path, exporting only when the cached artifact is missing."""
-
-    def build(model, size):
-        path = artifact_path(target, model, size, suffix)
-        if not path.exists():
-            from .weights import load_model
-
-            export(load_model(model), model, path, size)
-        return path
-
-    return build
-
-
-def _onnx(m, name, out, size):
-    from .export_onnx import export_onnx
-
-    export_onnx(m, name, out, size)
-
-
-def _onnx_int8(m, name, out, size):
-    from .quantize import quantize_onnx
-
-    quantize_onnx(m, name, out, size, "int8")
-
-
-def _ts(m, name, out, size):
-    from .export_torchscript import export_torchscript
-
-    export_torchscript(m, name, out, size)
-
-
-def _tflite(quantize):
-    def export(m, name, out, size):
-        from .export_tflite import export_tflite
-
-        export_tflite(m, name, out, size, quantize=quantize)
-
-    return export
-
-
-def _torch_build(model, size):
-    return None
-
-
-def _torch_runner(path, model, threads):
-    from .runtime import TorchRunner
-    from .weights import load_model
-
-    return TorchRunner(load_model(model), model, threads)
-
-
-def _file_runner(path, model, threads):
-    from .runtime import load_runner
-
-    return load_runner(path, threads=threads)
-
-
-def _skip_tflite():
-    if not (_have("ai_edge_litert") or _have("tflite_runtime")):
-        return "no TFLite interpreter installed: pip install 'ffexport[tflite]'"
-    if not _have("ffexport.export_tflite"):
-        return "TFLite export not available in this build"
-    return None
-
-
-def _skip_coreml():
-    if sys.platform != "darwin":
-        return "Core ML runs only on macOS (convert here with `ffexport coreml`, time it on a Mac)"
-    return None if _have("coremltools") else "coremltools missing: pip install 'ffexport[coreml]'"
-
-
-def _coreml(m, name, out, size):
-    from .export_coreml import export_coreml
-
-    export_coreml(m, name, out, size)
-
-
-def _skip_arm():
-    import shutil
-
-    if platform.machine() in ("aarch64", "arm64") or os.environ.get("FFEXPORT_ARM_REMOTE"):
-        return None
-    if not shutil.which("qemu-aarch64-static"):
-        return "not an ARM host, no --remote, and no qemu-user-static for emulation (apt-get install qemu-user-static)"
-    return None
-
-
-def _arm_measure(path, model, x, threads, runs, warmup):
-    """Time on the ARM device (or qemu); also check its outputs equal x86 onnxruntime's."""
-    from .arm import run_onnx_arm
-    from .runtime import OnnxRunner
-
-    res = run_onnx_arm(path, {"input": x}, threads=threads, runs=runs, warmup=warmup,
-                       remote=os.environ.get("FFEXPORT_ARM_REMOTE"))
-    ref = OnnxRunner(path, threads)(x)
-    diff = max(float(np.abs(res.outputs[k] - r).max()) for k, r in zip(("loc", "conf", "landmarks"), ref))
-    return res.times_ms, res.peak_rss_mb, f"{res.label}; max |arm - x86| = {diff:.2g}"
-
-
-def _skip_executorch():
-    from .peers import executorch_available
-
-    return executorch_available()
-
-
-def _executorch(m, name, out, size):
-    from .peers import executorch_export
-
-    executorch_export(m, out, size, name)
-
-
-def _executorch_runner(path, model, threads):
-    from .peers import ExecuTorchRunner
-
-    return ExecuTorchRunner(path, threads)
-
-
-def _skip_blazeface():
-    return None if (_have("ai_edge_litert") or _have("tflite_runtime")) else \
-        "no TFLite interpreter installed: pip install 'ffexport[tflite]'"
-
-
-def _blazeface_runner(path, model, threads):
-    from .peers import BlazeFaceRunner
-
-    return BlazeFaceRunner(None, threads)
+def arm_mode(remote=None) -> str:
+    """How an ARM target runs from here: "native" (aarch64 host), "ssh" (--remote) or "emulated" (qemu)."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "native"
+    return "ssh" if remote else "emulated"
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    build: Callable                   # (model, size) -> artifact path or None
-    runner: Callable                  # (path, model, threads) -> Runner
-    skip: Callable = lambda: None     # () -> reason it cannot run here, or None
-    measure: Callable | None = None   # (path, model, x, threads, runs, warmup) -> (times_ms, rss_mb, note)
-    peer: bool = False                # a reference detector, not FeatherFace: one row, its own input size
+    fmt: Format | None = None     # None for a peer
+    quantize: str | None = None
+    precision: str | None = None
+    arm: bool = False             # timed on an ARM device (or emulator), outputs checked against x86
+    peer: str | None = None       # a reference detector, not FeatherFace: one row, its own input size
+    dcn: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def skip(self, remote=None) -> str | None:
+        """Why this target cannot run here (None when it can)."""
+        if self.peer:
+            return _peer_available(self.peer)
+        src = formats.exporting(self.fmt)
+        reason = (src.available() if src.export else None) or self.fmt.runnable()
+        if reason or not self.arm:
+            return reason
+        if arm_mode(remote) == "emulated" and not shutil.which("qemu-aarch64-static"):
+            return "not an ARM host, no --remote, and no qemu-user-static for emulation (apt-get install qemu-user-static)"
+        return None
+
+    def options(self, size) -> ExportOptions:
+        return ExportOptions(input_size=tuple(size), precision=self.precision, quantize=self.quantize,
+                             dcn=self.dcn, extra=dict(self.extra))
+
+    def build(self, model: str, size) -> str | None:
+        """The artifact for `model` at `size`, exported into the bench cache unless it is there already."""
+        if self.peer or self.fmt.name == "torch":
+            return None
+        from .cache import sha256sum
+        from .exporter import default_output, export
+        from .weights import resolve
+
+        opts = self.options(size)
+        sha = sha256sum(resolve(model))[:10]
+        stem = default_output(self.fmt, model, opts).name
+        path = cache_dir("bench", f"ffexport-{__version__}") / f"{sha}-{size[0]}x{size[1]}-{stem}"
+        src = formats.exporting(self.fmt)
+        if not all(p.exists() for p in src.files(path)):
+            export(self.fmt.name, model, path, opts)
+        return str(path)
+
+    def runner(self, path, model, threads):
+        if self.peer:
+            from .peers import get_peer
+
+            return get_peer(self.peer).create(threads=threads)
+        if self.fmt.name == "torch":
+            from .formats.pytorch import TorchRunner
+            from .weights import load_model
+
+            return TorchRunner(load_model(model), model, threads)
+        return self.fmt.runner(path, threads)
+
+    def measure(self, path, x, threads, runs, warmup, remote=None) -> dict:
+        """Time on the ARM device (or qemu) and check its outputs equal this machine's."""
+        from .arm import run_arm
+
+        res = run_arm(path, {"input": x}, runtime=self.fmt.bench_name, threads=threads, runs=runs, warmup=warmup,
+                      remote=remote)
+        ref = self.fmt.runner(path, threads)(x)
+        # By position: the ARM runner names outputs as the file does (ncnn: out0..out2).
+        diff = max(float(np.abs(np.asarray(a) - r).max()) for a, r in zip(res.outputs.values(), ref, strict=True))
+        return {"times": res.times_ms, "peak_rss_mb": res.peak_rss_mb, "note": res.label, "device": res.mode,
+                "max_abs_vs_x86": diff}
 
 
-TARGETS = {t.name: t for t in [
-    Target("torch", _torch_build, _torch_runner),
-    Target("torchscript", _cached("torchscript", ".pt", _ts), _file_runner),
-    Target("onnxruntime", _cached("onnxruntime", ".onnx", _onnx), _file_runner),
-    Target("onnxruntime-int8", _cached("onnxruntime-int8", ".onnx", _onnx_int8), _file_runner),
-    Target("tflite", _cached("tflite", ".tflite", _tflite(None)), _file_runner, _skip_tflite),
-    Target("tflite-int8", _cached("tflite-int8", ".tflite", _tflite("int8")), _file_runner, _skip_tflite),
-    Target("coreml", _cached("coreml", ".mlpackage", _coreml), _file_runner, _skip_coreml),
-    Target("onnxruntime-arm", _cached("onnxruntime", ".onnx", _onnx), _file_runner, _skip_arm, _arm_measure),
-    Target("onnxruntime-arm-int8", _cached("onnxruntime-int8", ".onnx", _onnx_int8), _file_runner, _skip_arm,
-           _arm_measure),
-    Target("executorch", _cached("executorch", ".pte", _executorch), _executorch_runner, _skip_executorch),
-    Target("blazeface", _torch_build, _blazeface_runner, _skip_blazeface, peer=True),
-]}
+def targets() -> dict[str, Target]:
+    """Every bench target, in the formats table's order, then the peers."""
+    out = {}
+    for fmt in formats.FORMATS:
+        if fmt.runner is None and fmt.name != "torch":
+            continue
+        base = fmt.bench_name
+        variants = [(base, None, None)]
+        variants += [(f"{base}-{p}", None, p) for p in fmt.precisions[1:]]
+        variants += [(f"{base}-{q}", q, None) for q in (() if fmt.export_as else fmt.quantize)]
+        for name, q, p in variants:
+            out[name] = Target(name, fmt, quantize=q, precision=p)
+        if fmt.arm:
+            for name, q, p in variants:
+                if p is None and q in (None, "int8"):
+                    arm_name = f"{base}-arm" + (f"-{q}" if q else "")
+                    out[arm_name] = Target(arm_name, fmt, quantize=q, arm=True)
+    from .peers import PEERS
+
+    for peer in PEERS:
+        out[peer] = Target(peer, peer=peer)
+    return out
+
+
+def _peer_available(name) -> str | None:
+    import importlib.util
+
+    if name == "blazeface" and importlib.util.find_spec("ai_edge_litert") is None:
+        return "BlazeFace runs on TFLite: pip install 'ffexport[tflite]'"
+    return None

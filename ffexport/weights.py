@@ -30,6 +30,8 @@ def resolve(name: str, weights=None, allow_download=True) -> Path:
         return path
     s = spec(name)
     env = os.environ.get("FFEXPORT_WEIGHTS_DIR")
+    if env and not Path(env).is_dir():
+        raise FFExportError(f"FFEXPORT_WEIGHTS_DIR={env} is not a folder: fix it, unset it, or pass --weights PATH")
     if env and (Path(env) / s.filename).is_file():
         return Path(env) / s.filename
     cached = cache_dir("weights") / s.filename

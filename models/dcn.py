@@ -20,12 +20,18 @@ No runtime has a deformable op on mobile, so the form is chosen per export targe
             onnxruntime spends its DeformConv time sampling, so this made V2 1.15x faster there.
 - "plain":  drops offsets and mask, i.e. the regular conv alone. An approximation with a
             measurable accuracy cost, never a silent default.
+- "fold":   a calibrated approximation without any sampling (models/fold.py fits it): offsets dropped,
+            the modulation mask kept, the conv refitted to the exact output. Weights first, a 1x1 conv
+            C -> K*O, then K integer-shifted slices weighted by the mask and summed: standard ops only.
+            Layers without a fit (kept exact) compute the exact DCN in `fold_exact_form`.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMS = ("grid", "gather", "rows", "native", "plain")
+FORMS = ("grid", "gather", "rows", "native", "plain", "fold")
 
 
 def _sampling_points(offset, h, w, kh, kw, stride, pad, dil):
@@ -87,6 +93,25 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(1,
     # shape-computed Reshape.)
     out = torch.matmul(weight.reshape(o, c * k), cols.reshape(n, c * k, ho * wo)).reshape(n, o, ho, wo)
     return out if bias is None else out + bias.view(1, o, 1, 1)
+
+
+def folded_conv2d(x, mask, weight, bias, kernel=(3, 3), stride=(1, 1), padding=(1, 1)):
+    """The "fold" form: sum over kernel points k of mask_k * (weight_k x)(shifted by k), plus bias.
+
+    weight: (K*O, C, 1, 1), kernel point k's O-channel conv in rows k*O..k*O+O-1 (the weights-first
+    layout); mask (N, K, Ho, Wo); bias (O,). A DCN whose offsets are all zero, with its weights refitted."""
+    kh, kw = kernel
+    k = kh * kw
+    o = weight.shape[0] // k
+    ho, wo = mask.shape[2:]
+    y = F.pad(F.conv2d(x, weight), (padding[1], padding[1], padding[0], padding[0]))
+    out = bias.view(1, o, 1, 1)
+    for i in range(kh):
+        for j in range(kw):
+            t = i * kw + j
+            shifted = y[:, t * o:(t + 1) * o, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
+            out = out + shifted * mask[:, t:t + 1]
+    return out
 
 
 def deform_conv2d_rows(x, offset, mask, weight, stride=(1, 1), padding=(1, 1)):
@@ -195,6 +220,12 @@ class DeformableConv2d(nn.Module):
         self.modulator_conv = nn.Conv2d(cin, k * k, k, stride, padding, bias=True)
         self.regular_conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
         self.form = "grid"
+        # "fold" form (models/fold.py): the fitted weights-first weight (K*O, C, 1, 1) and bias (O,); None
+        # while the layer is kept exact, which then runs `fold_exact_form` ("rows" for TFLite). Not in
+        # the checkpoint, so strict loading is unchanged; models/fold.py saves and restores them.
+        self.register_buffer("fold_weight", None, persistent=False)
+        self.register_buffer("fold_bias", None, persistent=False)
+        self.fold_exact_form = "grid"
         # For the weights-first native export: sums the K per-kernel-point maps (not in the checkpoint).
         self.register_buffer("sum_k", torch.eye(cout).repeat(1, k * k).view(cout, k * k * cout, 1, 1),
                              persistent=False)
@@ -211,17 +242,26 @@ class DeformableConv2d(nn.Module):
         return _native_groups_op(y, self.sum_k, offset, mask, self.stride[0])
 
     def forward(self, x):
-        if self.form == "plain":
+        if self.form == "fold":
+            if self.fold_weight is not None:
+                mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
+                return folded_conv2d(x, mask, self.fold_weight, self.fold_bias, self.regular_conv.kernel_size,
+                                     self.stride, self.padding)
+            return self._exact(x, self.fold_exact_form)
+        return self._exact(x, self.form)
+
+    def _exact(self, x, form):
+        if form == "plain":
             return self.regular_conv(x)
-        if self.form == "native" and self.regular_conv.out_channels < self.regular_conv.in_channels:
+        if form == "native" and self.regular_conv.out_channels < self.regular_conv.in_channels:
             return self._native_weights_first(x)
         offset = self.offset_conv(x)
         mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
-        if self.form == "native":
+        if form == "native":
             return _native_op(x, self.regular_conv.weight, offset, mask, self.stride[0], self.padding[0])
-        if self.form == "rows":
+        if form == "rows":
             return deform_conv2d_rows(x, offset, mask, self.regular_conv.weight, self.stride, self.padding)
-        sampler = "gather" if self.form == "gather" else "grid"
+        sampler = "gather" if form == "gather" else "grid"
         return deform_conv2d(x, offset, mask, self.regular_conv.weight, None, self.stride, self.padding, (1, 1),
                              sampler)
 
@@ -233,3 +273,18 @@ def set_dcn_form(model: nn.Module, form: str) -> nn.Module:
         if isinstance(m, DeformableConv2d):
             m.form = form
     return model
+
+
+@contextlib.contextmanager
+def dcn_form(model: nn.Module, form: str, exact: str | None = None):
+    """Set every DCN block of `model` to `form` for the block (and, for "fold", the form its layers kept exact
+    compute: `exact`); the previous forms come back even if it fails."""
+    before = [(m, m.form, m.fold_exact_form) for m in model.modules() if isinstance(m, DeformableConv2d)]
+    set_dcn_form(model, form)
+    for m, _, _ in before:
+        m.fold_exact_form = exact or m.fold_exact_form
+    try:
+        yield model
+    finally:
+        for m, f, e in before:
+            m.form, m.fold_exact_form = f, e

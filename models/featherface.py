@@ -15,26 +15,28 @@ CHANNELS = 56
 ANCHORS = 2
 
 
-def _conv_bn(cin, cout, stride):
+def _conv_bn(cin, cout, stride, slope=0.1):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                         nn.LeakyReLU(0.1, inplace=True))
+                         nn.LeakyReLU(slope, inplace=True))
 
 
-def _conv_dw(cin, cout, stride):
+def _conv_dw(cin, cout, stride, slope=0.1):
     return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.LeakyReLU(0.1, inplace=True),
-        nn.Conv2d(cin, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True))
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.LeakyReLU(slope, inplace=True),
+        nn.Conv2d(cin, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(slope, inplace=True))
 
 
 class MobileNetV1(nn.Module):
-    """The 0.25-width MobileNetV1; returns stage1/2/3 (64/128/256 ch at strides 8/16/32)."""
+    """The 0.25-width MobileNetV1; returns stage1/2/3 (64/128/256 ch at strides 8/16/32).
 
-    def __init__(self):
+    `slope` is the LeakyReLU slope: 0.1 for FeatherFace, 0 (plain ReLU) for the Face-Detector-1MB peer."""
+
+    def __init__(self, slope=0.1):
         super().__init__()
-        self.stage1 = nn.Sequential(_conv_bn(3, 8, 2), _conv_dw(8, 16, 1), _conv_dw(16, 32, 2), _conv_dw(32, 32, 1),
-                                    _conv_dw(32, 64, 2), _conv_dw(64, 64, 1))
-        self.stage2 = nn.Sequential(_conv_dw(64, 128, 2), *[_conv_dw(128, 128, 1) for _ in range(5)])
-        self.stage3 = nn.Sequential(_conv_dw(128, 256, 2), _conv_dw(256, 256, 1))
+        bn, dw = (lambda *a: _conv_bn(*a, slope=slope)), (lambda *a: _conv_dw(*a, slope=slope))
+        self.stage1 = nn.Sequential(bn(3, 8, 2), dw(8, 16, 1), dw(16, 32, 2), dw(32, 32, 1), dw(32, 64, 2), dw(64, 64, 1))
+        self.stage2 = nn.Sequential(dw(64, 128, 2), *[dw(128, 128, 1) for _ in range(5)])
+        self.stage3 = nn.Sequential(dw(128, 256, 2), dw(256, 256, 1))
 
     def forward(self, x):
         c3 = self.stage1(x)

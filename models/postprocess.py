@@ -12,10 +12,12 @@ STEPS = (8, 16, 32)
 VARIANCES = (0.1, 0.2)
 
 
-def priors(h: int, w: int) -> np.ndarray:
-    """(N, 4) anchors cx, cy, w, h normalised to the input size, in the heads' output order."""
+def priors(h: int, w: int, min_sizes=MIN_SIZES, steps=STEPS) -> np.ndarray:
+    """(N, 4) anchors cx, cy, w, h normalised to the input size, in the heads' output order.
+
+    `min_sizes`/`steps` default to FeatherFace's; other detectors of the same SSD family pass theirs."""
     out = []
-    for step, sizes in zip(STEPS, MIN_SIZES):
+    for step, sizes in zip(steps, min_sizes):
         fh, fw = ceil(h / step), ceil(w / step)
         cy, cx = np.meshgrid((np.arange(fh) + 0.5) * step / h, (np.arange(fw) + 0.5) * step / w, indexing="ij")
         per_size = [np.stack([cx, cy, np.full_like(cx, s / w), np.full_like(cx, s / h)], -1) for s in sizes]
@@ -71,14 +73,14 @@ class Detections:
 
 
 def detect(loc, conf, landm, input_hw, scale=1.0, conf_thresh=0.5, nms_thresh=0.4, pre_nms_top_k=5000,
-           keep_top_k=750) -> Detections:
+           keep_top_k=750, min_sizes=MIN_SIZES, steps=STEPS) -> Detections:
     """Decode one image's raw outputs (N,4), (N,2), (N,10) from an input of size input_hw.
 
     `scale` maps input pixels back to the original image (original = input / scale).
     """
     h, w = input_hw
     loc, conf, landm = (np.asarray(a, np.float32).reshape(-1, d) for a, d in ((loc, 4), (conf, 2), (landm, 10)))
-    pri = priors(h, w)
+    pri = priors(h, w, min_sizes, steps)
     if len(pri) != len(loc):
         raise ValueError(f"{len(loc)} predictions but {len(pri)} priors for a {h}x{w} input")
     scores = conf[:, 1]

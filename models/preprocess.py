@@ -2,26 +2,10 @@
 
 The FeatherFace contract: BGR, float32, minus (104, 117, 123), no scaling, NCHW.
 """
-from pathlib import Path
-
 import numpy as np
 
-from ffexport.errors import FFExportError
 
 MEAN_BGR = (104.0, 117.0, 123.0)
-
-
-def read_image(path) -> np.ndarray:
-    """BGR uint8 HxWx3; a one-line error for anything that is not a readable image."""
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise FFExportError(f"image {path} does not exist: check the path")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise FFExportError(f"{path} is not a readable image (jpg/png/bmp...): pass an image file")
-    return img
 
 
 def letterbox(img: np.ndarray, size) -> tuple[np.ndarray, float]:
@@ -35,7 +19,8 @@ def letterbox(img: np.ndarray, size) -> tuple[np.ndarray, float]:
     h, w = img.shape[:2]
     H, W = size
     scale = min(H / h, W / w)
-    nh, nw = min(H, round(h * scale)), min(W, round(w * scale))
+    # At least one pixel: a 1x4000 strip scales its short side below one.
+    nh, nw = max(1, min(H, round(h * scale))), max(1, min(W, round(w * scale)))
     resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
     out = np.empty((H, W, 3), np.uint8)
     out[:] = np.array(MEAN_BGR, np.uint8)

@@ -1,8 +1,10 @@
-"""The onnxruntime-arm backend, end to end with real parts: qemu, a real sshd on loopback, real ORT.
+"""The ARM backend (onnxruntime and ncnn), end to end with real parts: qemu, a real sshd on loopback,
+real ORT, a real FeatherFace V2 ncnn export run on a real photo.
 
 CI needs the Debian packages qemu-user-static, openssh-server and openssh-client (tests skip, saying
 so, when their binaries are absent). The first emulated run builds the arm64 sysroot (~1 min, network
-to the Debian and PyPI mirrors); later runs use the cache.
+to the Debian and PyPI mirrors) and the first ncnn one adds the ncnn wheel to it (seconds); later runs
+use the cache.
 """
 import getpass
 import os
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,8 +23,12 @@ import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from ffexport.arm import run_onnx_arm
+from conftest import IMAGES
+from ffexport.arm import run_arm, run_onnx_arm
 from ffexport.errors import FFExportError
+from ffexport.formats import ncnn as ncf
+from ffexport.formats.base import ExportOptions
+from models.preprocess import prepare
 
 SHAPE = (1, 3, 32, 32)
 
@@ -78,6 +85,21 @@ def output_step(model):
 
 needs_qemu = pytest.mark.skipif(not shutil.which("qemu-aarch64-static"),
                                 reason="qemu-aarch64-static absent: apt-get install qemu-user-static")
+needs_ncnn = pytest.mark.skipif(ncf.available() is not None, reason=str(ncf.available()))
+NCNN_SIZE = (320, 320)  # 640 takes ~4x longer under qemu for the same check
+
+
+@pytest.fixture(scope="module")
+def v2_ncnn(tmp_path_factory, v2_model):
+    """A V2 fp32 ncnn export (.param/.bin/.json) and a real photo letterboxed for it."""
+    param = tmp_path_factory.mktemp("ncnn") / "v2.ncnn.param"
+    ncf.export_ncnn(v2_model, "v2", param, ExportOptions(input_size=NCNN_SIZE))
+    x, _ = prepare(cv2.imread(str(IMAGES / "crowd.jpg")), NCNN_SIZE)
+    return param, x
+
+
+def x86_ncnn(param, x):
+    return ncf.NcnnRunner(param, threads=1)(x)
 
 
 @needs_qemu
@@ -102,6 +124,32 @@ def test_emulated_int8_matches_x86(models, x, cpu):
 def test_unknown_cpu_is_one_line_error(models, x):
     with pytest.raises(FFExportError, match="unknown emulated cpu") as e:
         run_onnx_arm(models[0], x, cpu="pentium")
+    assert "\n" not in str(e.value)
+
+
+@needs_qemu
+@needs_ncnn
+def test_emulated_ncnn_fp32_matches_x86(v2_ncnn):
+    param, x = v2_ncnn
+    r = run_arm(param, {"input": x}, runtime="ncnn", runs=1)
+    assert r.mode == "emulated" and "cortex-a76" in r.label and len(r.times_ms) == 1
+    assert list(r.outputs) == ["out0", "out1", "out2"]  # the .param's output blobs, in x86's order
+    diffs = {}
+    for (name, arm), ref in zip(r.outputs.items(), x86_ncnn(param, x)):
+        assert arm.shape == ref.shape
+        diffs[name] = float(np.abs(arm - ref).max())
+    print(f"ncnn fp32 V2 {NCNN_SIZE}: aarch64 (emulated) vs x86 max abs {diffs}, {r.times_ms[0]:.0f} ms emulated")
+    # NEON and AVX kernels sum in different orders: fp32 rounding, not fp16's 1e-2.
+    assert diffs["out1"] <= 1e-5 and max(diffs.values()) <= 1e-3, diffs
+
+
+@needs_ncnn
+def test_ncnn_without_weights_is_one_line_error(v2_ncnn, tmp_path):
+    param, x = v2_ncnn
+    lone = tmp_path / "lone.ncnn.param"
+    lone.write_bytes(param.read_bytes())  # a real .param whose .bin is missing
+    with pytest.raises(FFExportError, match="lone.ncnn.bin not found") as e:
+        run_arm(lone, {"input": x}, runtime="ncnn")
     assert "\n" not in str(e.value)
 
 
@@ -156,6 +204,16 @@ def test_ssh_matches_local(models, x, sshd):
         r = run_onnx_arm(model, x, runs=2, warmup=1, remote=sshd)
         assert r.mode == "ssh" and sshd in r.label and len(r.times_ms) == 2 and r.peak_rss_mb > 10
         np.testing.assert_array_equal(r.outputs["out"], x86(model, x))  # same ORT build: bit-exact
+
+
+@needs_ncnn
+def test_ssh_ncnn_matches_local(v2_ncnn, sshd):
+    """The .bin and sidecar travel with the .param; the "board" runs this host's ncnn: bit-exact."""
+    param, x = v2_ncnn
+    r = run_arm(param, {"input": x}, runtime="ncnn", runs=1, remote=sshd)
+    assert r.mode == "ssh" and "ncnn" in r.label and len(r.times_ms) == 1
+    for arm, ref in zip(r.outputs.values(), x86_ncnn(param, x), strict=True):
+        np.testing.assert_array_equal(arm, ref)
 
 
 def test_ssh_board_without_onnxruntime(models, x, sshd, monkeypatch):

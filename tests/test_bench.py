@@ -49,3 +49,20 @@ def test_unknown_target_is_one_line_error():
 
 def test_bad_model_list():
     assert_one_line_error(run_cli("bench", "--model", "v3"), "--model takes v1, v2")
+
+
+def _row(target, model, ms, device="local", **kw):
+    return {"target": target, "model": model, "input_size": "320x320", "threads": 1, "status": "ok",
+            "median_ms": ms, "p90_ms": ms, "min_ms": ms, "device": device, **kw}
+
+
+def test_emulated_timings_never_decide_the_verdict():
+    emulated = {"rows": [_row("onnxruntime-arm", "v1", 900.0, "emulated", max_abs_vs_x86=3e-5, note="emulated"),
+                         _row("onnxruntime-arm", "v2", 790.0, "emulated", max_abs_vs_x86=3e-5, note="emulated")]}
+    v = verdict(emulated)
+    assert ratios(emulated) == []
+    assert "not measured" in v and "emulated" in v and "3e-05" in v and "ratio" not in v
+    mixed = {"rows": emulated["rows"] + [_row("onnxruntime", "v1", 20.0), _row("onnxruntime", "v2", 20.4)]}
+    assert [r["target"] for r in ratios(mixed)] == ["onnxruntime"]
+    v = verdict(mixed)
+    assert "1.02-1.02 over 1 target" in v and "NOT SUPPORTED" in v and "1 emulated row(s) left out" in v

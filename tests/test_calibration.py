@@ -13,7 +13,8 @@ import calibration
 from conftest import WIDERFACE
 from ffexport.errors import FFExportError
 from helpers import serve_dir
-from models.preprocess import prepare, read_image
+from models.preprocess import prepare
+from ffexport.images import read_image
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_unwritable_output_path(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
     r = run_cli("detect", IMAGES / "einstein.jpg", "--json", blocker / "out.json")
-    assert_one_line_error(r, "does not exist", "-o")
+    assert_one_line_error(r, "is a file, not a folder", "--json")
     r = run_cli("detect", IMAGES / "einstein.jpg", "--draw", tmp_path / "out.unknownext")
     assert_one_line_error(r, "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # no temp or partial files

@@ -15,7 +15,9 @@ ct = pytest.importorskip("coremltools", reason="coremltools not installed: pip i
 
 from conftest import IMAGES  # noqa: E402
 from ffexport.errors import FFExportError, RuntimeUnavailable  # noqa: E402
-from ffexport.export_coreml import CoreMLRunner, export_coreml, inspect_coreml  # noqa: E402
+from ffexport.formats.coreml import CoreMLRunner, export_coreml, inspect_coreml  # noqa: E402
+from ffexport.exporter import export  # noqa: E402
+from ffexport.formats.base import ExportOptions  # noqa: E402
 from ffexport.meta import artifact_metadata  # noqa: E402
 from helpers import assert_one_line_error, run_cli  # noqa: E402
 
@@ -23,10 +25,13 @@ PARAMS = 493_095  # FeatherFace V2
 MAC_ONLY = "Core ML runtime needs macOS (coremltools predict is macOS-only): parity not measured here"
 
 
-def _export(logs, key, *args, **kwargs):
+def _export(logs, key, model, name, out, size, precision=None, quantize=None, input_type="image", dcn=None):
+    """Through the one export path (ffexport.exporter), as `ffexport coreml` does."""
     err = io.StringIO()
+    opts = ExportOptions(input_size=size, precision=precision, quantize=quantize, dcn=dcn,
+                         extra={"input_type": input_type})
     with contextlib.redirect_stderr(err):
-        export_coreml(*args, **kwargs)
+        export("coreml", name, out, opts, model=model)
     logs[key] = err.getvalue()
 
 
@@ -185,14 +190,15 @@ def test_running_off_macos_is_refused_with_status_3(packages):
     assert e.value.exit_code == 3
     r = run_cli("parity", d / "fp16.mlpackage", "--images", IMAGES)
     assert r.returncode == 3
-    assert_one_line_error(r, "no parity was measured")
+    assert_one_line_error(r, "nothing was measured", "macOS")
 
 
 def test_parity_on_macos(packages, v2_model):
     if sys.platform != "darwin":
         pytest.skip(MAC_ONLY)
-    from ffexport.runtime import TorchRunner, run_image
-    from models.preprocess import read_image
+    from ffexport.formats.pytorch import TorchRunner
+    from ffexport.runtime import run_image
+    from ffexport.images import read_image
 
     d, _ = packages
     torch_runner = TorchRunner(v2_model, "v2")

@@ -6,10 +6,13 @@ import onnx
 import pytest
 
 from conftest import IMAGES
-from ffexport.export_onnx import export_onnx, native_deformconv_supported
-from ffexport.export_torchscript import export_torchscript
+from ffexport.formats.onnx import export_onnx, native_deformconv_supported
+from ffexport.formats.torchscript import export_torchscript
 from ffexport.parity import TOLERANCES, compare
-from ffexport.runtime import OnnxRunner, TorchRunner, TorchScriptRunner, load_runner
+from ffexport.formats.onnx import OnnxRunner
+from ffexport.formats.pytorch import TorchRunner
+from ffexport.formats.torchscript import TorchScriptRunner
+from ffexport.runtime import load_runner
 from helpers import assert_one_line_error, run_cli
 
 REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
@@ -65,7 +68,8 @@ def test_fp32_artifact_matches_pytorch_on_real_images(exports, v2_model, name):
 
 @pytest.mark.parametrize("hw,batch", [((480, 640), 1), ((320, 384), 2)])
 def test_dynamic_export_at_other_sizes(exports, v2_model, hw, batch):
-    from models.preprocess import letterbox, read_image, to_tensor
+    from models.preprocess import letterbox, to_tensor
+    from ffexport.images import read_image
 
     runner = OnnxRunner(exports / "dynamic.onnx")
     assert runner.input_size is None and runner.multiple == 32

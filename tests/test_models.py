@@ -8,8 +8,9 @@ import torch
 from conftest import IMAGES, REPO, WEIGHTS
 from models import MODELS
 from models.postprocess import num_priors, priors
-from models.preprocess import read_image
-from ffexport.runtime import TorchRunner, run_image
+from ffexport.images import read_image
+from ffexport.formats.pytorch import TorchRunner
+from ffexport.runtime import run_image
 
 
 def iou_matrix(a, b):

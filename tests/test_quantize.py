@@ -8,7 +8,8 @@ import pytest
 from conftest import IMAGES
 from ffexport.parity import compare
 from ffexport.quantize import op_kind, support
-from ffexport.runtime import OnnxRunner, TorchRunner
+from ffexport.formats.onnx import OnnxRunner
+from ffexport.formats.pytorch import TorchRunner
 from helpers import assert_one_line_error, run_cli
 
 REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
@@ -59,7 +60,7 @@ def test_op_support_table_explains_float_ops():
 
 
 def test_conv_kinds_on_the_real_graph(tmp_path, v2_model):
-    from ffexport.export_onnx import export_onnx
+    from ffexport.formats.onnx import export_onnx
 
     graph = export_onnx(v2_model, "v2", tmp_path / "v2.onnx", (320, 320)).graph
     weights = {t.name: t for t in graph.initializer}

@@ -6,9 +6,10 @@ pytest.importorskip("litert_torch", reason="TFLite converter not installed: pip 
 
 from conftest import IMAGES  # noqa: E402
 from ffexport.errors import FFExportError  # noqa: E402
-from ffexport.export_tflite import TFLiteRunner, export_tflite, read_metadata  # noqa: E402
+from ffexport.formats.tflite import TFLiteRunner, export_tflite, read_metadata  # noqa: E402
 from ffexport.parity import compare  # noqa: E402
-from ffexport.runtime import TorchRunner, load_runner  # noqa: E402
+from ffexport.formats.pytorch import TorchRunner  # noqa: E402
+from ffexport.runtime import load_runner  # noqa: E402
 from helpers import assert_one_line_error, run_cli  # noqa: E402
 
 REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))

@@ -20,15 +20,17 @@ import numpy as np
 
 from models.preprocess import MEAN_BGR
 
-from .cache import atomic_output
-from .errors import FFExportError, RuntimeUnavailable
-from .meta import artifact_metadata
-from .runtime import OUTPUTS, Runner
+from ..cache import atomic_output
+from ..errors import FFExportError, RuntimeUnavailable
+from ..log import log, quiet
+from ..meta import artifact_metadata
+from ..runner import OUTPUTS, Runner
+from .base import Format, Option
 
 MEAN_BIAS = [-m for m in MEAN_BGR]
 PRECISIONS = ("fp16", "fp32")
 INPUT_TYPES = ("image", "tensor")
-DCN_FORMS = ("grid", "gather", "plain")  # "native" is a custom op: Core ML has no deformable convolution
+DCN_FORMS = ("grid", "gather", "plain", "fold")  # "native" is a custom op: Core ML has no deformable convolution
 DTYPES = {"BOOL": ("bool", 1), "FLOAT16": ("fp16", 2), "FLOAT32": ("fp32", 4), "FLOAT64": ("fp64", 8),
           "INT4": ("int4", 0.5), "UINT4": ("uint4", 0.5), "INT8": ("int8", 1), "UINT8": ("uint8", 1),
           "INT16": ("int16", 2), "UINT16": ("uint16", 2), "INT32": ("int32", 4), "INT64": ("int64", 8),
@@ -38,10 +40,6 @@ LICENSE = "MIT (FeatherFace checkpoints and ffexport)"
 ON_MACOS = sys.platform == "darwin"
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _ct():
     """coremltools, imported quietly (its import-time notes about the missing native runtime off macOS
     and untested torch versions are noise here: the pins in setup.cfg are the tested ones)."""
@@ -49,28 +47,13 @@ def _ct():
     level = ct_logger.level
     ct_logger.setLevel(logging.ERROR)
     try:
-        import coremltools as ct
+        with quiet("coremltools", "torch", "torchao"):  # torchao/torch registration notes on import
+            import coremltools as ct
     except ImportError:
         raise FFExportError("Core ML export needs coremltools: pip install 'ffexport[coreml]'") from None
     finally:
         ct_logger.setLevel(level)
     return ct
-
-
-class _quiet_coremltools:
-    """Silence coremltools' per-constant 'int64 -> int32' warnings during conversion (hundreds of lines)."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("coremltools")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        self.warnings.__exit__(*exc)
-        self.logger.setLevel(self.level)
 
 
 def _check_args(out, input_size, precision, quantize, input_type, dcn, calib_size):
@@ -99,20 +82,15 @@ def _check_args(out, input_size, precision, quantize, input_type, dcn, calib_siz
 def _export_program(model, dcn, shape):
     import torch
 
-    from models.dcn import DeformableConv2d, set_dcn_form
+    from models.dcn import dcn_form
 
-    before = next((m.form for m in model.modules() if isinstance(m, DeformableConv2d)), "grid")
-    set_dcn_form(model, dcn)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (torch.zeros(*shape),))
-            # Keep aten ops as they are (coremltools converts them best undecomposed), except `&` on bool
-            # tensors (the gather DCN's validity mask): coremltools has bitwise_and, not aten.__and__.
-            aten = torch.ops.aten
-            return ep.run_decompositions({aten.__and__.Tensor: lambda a, b: aten.bitwise_and.Tensor(a, b)})
-    finally:
-        set_dcn_form(model, before)
+    with dcn_form(model, dcn), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (torch.zeros(*shape),))
+        # Keep aten ops as they are (coremltools converts them best undecomposed), except `&` on bool
+        # tensors (the gather DCN's validity mask): coremltools has bitwise_and, not aten.__and__.
+        aten = torch.ops.aten
+        return ep.run_decompositions({aten.__and__.Tensor: lambda a, b: aten.bitwise_and.Tensor(a, b)})
 
 
 # Float ops that can sit between a sampling coordinate and the integer index it becomes.
@@ -159,7 +137,7 @@ def _quantize_activations(mlmodel, calib, calib_size, size, input_type):
     samples = [{"input": _to_pil(x) if input_type == "image" else x[None]} for x in batch]
     t = time.time()
     cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric"))
-    with _quiet_coremltools():
+    with quiet("coremltools"):
         mlmodel = linear_quantize_activations(mlmodel, cfg, samples)
     log(f"  activations: int8, calibrated on {len(samples)} images ({time.time() - t:.1f} s)")
     return mlmodel
@@ -201,7 +179,7 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
     t = time.time()
     log(f"converting to a Core ML ML Program ({precision}, {input_type} input, minimum target "
         f"{'iOS 17/macOS 14' if activations else 'iOS 16/macOS 13'})...")
-    with _quiet_coremltools():
+    with quiet("coremltools"):
         mlmodel = ct.convert(ep, inputs=inputs, outputs=outputs, convert_to="mlprogram",
                              minimum_deployment_target=target, skip_model_load=True,
                              compute_precision=_compute_precision(ct, precision))
@@ -227,7 +205,7 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
         t = time.time()
         cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric",
                                                                        granularity="per_channel"))
-        with _quiet_coremltools():
+        with quiet("coremltools"):
             mlmodel = linear_quantize_weights(mlmodel, cfg)
         log(f"  weights: int8 per-channel ({time.time() - t:.1f} s)")
         quant_note = "int8-weights+activations" if activations else "int8-weights"
@@ -249,13 +227,10 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
                               "background/face probabilities (softmaxed)",
                               "5 landmark (x,y) offsets against the priors")):
         mlmodel.output_description[o] = d
-    t = time.time()
     with atomic_output(out) as tmp:
         mlmodel.save(str(tmp))
         _readable(tmp)
-    mb = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e6
-    log(f"wrote {out} (Core ML ML Program, {precision}, quantization {quant_note}, {mb:.2f} MB; "
-        f"saved in {time.time() - t:.1f} s, {time.time() - t0:.1f} s in all)")
+    return {"precision": precision, "quantization": quant_note, "dcn": dcn}
 
 
 def _readable(package):
@@ -419,3 +394,33 @@ class CoreMLRunner(Runner):
     def __call__(self, x):
         out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
         return tuple(np.asarray(out[k], np.float32) for k in OUTPUTS)
+
+
+def is_package(path) -> bool:
+    """An existing .mlpackage folder (so replacing it deletes nothing that is not a Core ML package)."""
+    return (Path(path) / "Manifest.json").is_file()
+
+
+def _available():
+    try:
+        _ct()
+    except FFExportError as e:
+        return str(e)
+    return None
+
+
+def _runnable():
+    if not ON_MACOS:
+        return "Core ML runs only on macOS: convert here with 'ffexport coreml', run and time it on a Mac"
+    return _available()
+
+
+FORMAT = Format(
+    name="coreml", description="Core ML ML Program (iOS 16+/macOS 13+), image input; fp16/fp32, int8 weights",
+    suffixes=(".mlpackage",), dcn_forms=DCN_FORMS, precisions=PRECISIONS, quantize=("int8",), extra="coreml",
+    export=lambda model, name, out, opts: export_coreml(model, name, out, opts.input_size, opts.precision,
+                                                        opts.quantize, opts.calib, opts.calib_size,
+                                                        opts.extra["input_type"], opts.dcn),
+    runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable,
+    options=(Option("input_type", "image", "image: a CVPixelBuffer (BGR, mean subtracted in the model); "
+                                           "tensor: float NCHW.", str, INPUT_TYPES),))

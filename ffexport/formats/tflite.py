@@ -13,28 +13,25 @@ Runs with the ai-edge-litert interpreter (XNNPACK). ffexport's metadata is embed
 flatbuffer's metadata table as JSON ("ffexport").
 """
 import json
-import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_output
-from .errors import FFExportError
-from .meta import artifact_metadata
-from .runtime import Runner
+from ..cache import atomic_output
+from ..errors import FFExportError
+from ..log import log, quiet
+from ..meta import artifact_metadata
+from ..runner import Runner
+from ..e2e import detections_from_outputs, for_export, image_from_tensor, name_outputs, runner_io
+from .base import Format, missing_modules
 
 META_KEY = "ffexport"
-DCN_FORMS = ("rows", "grid", "gather", "plain")
+DCN_FORMS = ("rows", "grid", "gather", "plain", "fold")
 # int8 leaves these convs float (matched by output-tensor name, which litert-torch builds from the module
 # path): DCN offset/modulator convs (int8 sampling coordinates) and the output heads.
 FLOAT_CONVS = r"^(?!.*(offset_conv|modulator_conv|Head))"
-
-
-def log(msg):
-    print(f"[tflite] {msg}", file=sys.stderr, flush=True)
 
 
 def _need(module, what="TFLite export"):
@@ -75,11 +72,14 @@ def read_metadata(path) -> dict:
     return {}
 
 
-def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=None, calib_size=100, dcn="rows"):
-    """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static)."""
+def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=None, calib_size=100, dcn="rows",
+                  sample=None, extra_meta=None):
+    """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static).
+
+    `model` may be the end-to-end wrapper (ffexport.e2e.for_export), `sample` its example input."""
     import torch
 
-    from models.dcn import set_dcn_form
+    from models.dcn import dcn_form
 
     if dcn not in DCN_FORMS:
         raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use {', '.join(DCN_FORMS)}")
@@ -93,29 +93,32 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     log(f"1/3 converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
     with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = Path(tmpdir) / "fp32.tflite"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        # A fold's layers kept exact use the rows form too: grid/gather lower to GATHER_ND here.
+        with dcn_form(model.eval(), dcn, exact="rows"), torch.no_grad():
             try:
-                litert_torch.convert(set_dcn_form(model.eval(), dcn), (torch.zeros(1, 3, h, w),)).export(str(fp32))
+                with quiet("litert_torch", "absl", "tensorflow", "jax"):
+                    sample = torch.zeros(1, 3, h, w) if sample is None else sample
+                    litert_torch.convert(model, (sample,)).export(str(fp32))
             except Exception as e:
                 raise FFExportError(f"litert-torch could not convert {name} with --dcn {dcn} "
                                     f"({type(e).__name__}: {str(e).splitlines()[0][:150]}): try --dcn rows") from None
-            finally:
-                set_dcn_form(model, "grid")
         log(f"   converted in {time.time() - t0:.0f} s")
         path, extra = fp32, {}
         if quantize:
             log(f"2/3 quantizing ({quantize}) with ai-edge-quantizer...")
-            path, extra = _quantize(fp32, Path(tmpdir), quantize, input_size, calib, calib_size)
+            with quiet("ai_edge_quantizer", "absl", "tensorflow"):
+                path, extra = _quantize(fp32, Path(tmpdir), quantize, input_size, calib, calib_size,
+                                        image_input=sample is not None and sample.dtype == torch.uint8)
         log("3/3 embedding metadata and writing")
-        meta = artifact_metadata(model, name, input_size, dcn, quantization=quantize or "none", **extra)
+        meta = artifact_metadata(model, name, input_size, dcn, quantization=quantize or "none", **extra,
+                                 **(extra_meta or {}))
         embed_metadata(path, meta)
         with atomic_output(out) as tmp:
             Path(tmp).write_bytes(path.read_bytes())
-    log(f"wrote {out} (TFLite {quantize or 'fp32'}, {Path(out).stat().st_size / 1e6:.1f} MB, {time.time() - t0:.0f} s)")
+    return {"dcn": dcn, "quantization": quantize or "none"}
 
 
-def _quantize(fp32, tmpdir, mode, size, calib, calib_size):
+def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
     qz = _need("ai_edge_quantizer.quantizer")
     Op = _need("ai_edge_quantizer.qtyping").TFLOperationName
     q = qz.Quantizer(str(fp32))
@@ -135,8 +138,10 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size):
             # The offset / modulator convs stay float: int8 sampling coordinates cost detections.
             regex = FLOAT_CONVS if op == Op.CONV_2D else ".*"
             q.add_static_config(regex=regex, operation_name=op, activation_num_bits=8, weight_num_bits=8)
-        log(f"   calibrating on {len(batch)} images...")
-        result = q.quantize(q.calibrate({"serving_default": [{"args_0": x[None]} for x in batch]}))
+        from ..e2e import image_from_tensor
+
+        feed = (lambda x: image_from_tensor(x[None])) if image_input else (lambda x: x[None])
+        result = q.quantize(q.calibrate({"serving_default": [{"args_0": feed(x)} for x in batch]}))
         extra["calibration"] = f"{len(batch)} images from {Path(root).name}, min-max"
         extra["int8_ops"] = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED; float: I/O, DCN offset/modulator "
                              "convs, heads and sampling")
@@ -172,8 +177,9 @@ class TFLiteRunner(Runner):
         q = meta.get("quantization")
         self.precision = "fp32" if q in (None, "none") else q
         try:
-            self.interp = Interpreter(str(path), num_threads=threads or 1)
-            self.interp.allocate_tensors()
+            with quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate" from C++
+                self.interp = Interpreter(str(path), num_threads=threads or 1)
+                self.interp.allocate_tensors()
         except Exception as e:
             raise FFExportError(f"{path} cannot be loaded by the TFLite interpreter ({str(e)[:120]}): "
                                 f"re-export it with 'ffexport tflite'") from None
@@ -181,6 +187,10 @@ class TFLiteRunner(Runner):
         shape = tuple(int(v) for v in self.inp["shape"])
         self.nhwc = len(shape) == 4 and shape[3] == 3 and shape[1] != 3
         self.input_size = shape[1:3] if self.nhwc else shape[2:4]
+        self.end_to_end, self.image_input = runner_io(meta)
+        if self.end_to_end:
+            self.outs = self.interp.get_output_details()
+            return
         # Outputs in the model's order loc, conf, landmarks, told apart by their last dimension.
         try:
             self.outs = sorted(self.interp.get_output_details(), key=lambda d: {4: 0, 2: 1, 10: 2}[int(d["shape"][-1])])
@@ -194,11 +204,14 @@ class TFLiteRunner(Runner):
         if x.shape != (1, 3, h, w):
             raise FFExportError(f"{self.path.name} takes a (1, 3, {h}, {w}) float32 input, got {x.shape}: "
                                 f"letterbox the image to {h}x{w} (models.preprocess.prepare)")
-        if self.nhwc:
+        if self.image_input:
+            x = image_from_tensor(x)
+        elif self.nhwc:
             x = x.transpose(0, 2, 3, 1)
-        self.interp.set_tensor(self.inp["index"], _quant(x, self.inp))
+        self.interp.set_tensor(self.inp["index"], x if self.image_input else _quant(x, self.inp))
         self.interp.invoke()
-        return tuple(_dequant(self.interp.get_tensor(d["index"]), d) for d in self.outs)
+        outs = tuple(_dequant(self.interp.get_tensor(d["index"]), d) for d in self.outs)
+        return detections_from_outputs(name_outputs(outs)) if self.end_to_end else outs
 
 
 def _quant(x, detail):
@@ -210,7 +223,33 @@ def _quant(x, detail):
 
 
 def _dequant(y, detail):
-    if y.dtype == np.float32:
-        return y
     scale, zero = detail["quantization"]
+    if y.dtype == np.float32 or not scale:  # float, or an integer that is a count, not a quantized value
+        return y
     return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def _export(model, name, out, opts):
+    net, x, meta = for_export(model, opts, nms_op=True)  # TFLite's builtin NON_MAX_SUPPRESSION_V5
+    return export_tflite(net, name, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size, opts.dcn,
+                         x, meta)
+
+
+def _available():
+    return missing_modules(("litert_torch", "ai_edge_litert", "ai_edge_quantizer"), "pip install 'ffexport[tflite]'")
+
+
+def _runnable():
+    try:
+        _interpreter()
+    except FFExportError as e:
+        return str(e)
+    return None
+
+
+FORMAT = Format(
+    name="tflite", description="TFLite flatbuffer (litert-torch), run with the LiteRT interpreter + XNNPACK; "
+                               "fp32, fp16 weights or int8 (ai-edge-quantizer, calibrated)",
+    suffixes=(".tflite",), export=_export, runner=lambda path, threads=None: TFLiteRunner(path, threads),
+    dcn_forms=DCN_FORMS, quantize=("int8", "fp16"), extra="tflite", available=_available, runnable=_runnable,
+    nms=True, image_input=True)

@@ -1,0 +1,279 @@
+"""ncnn (X.ncnn.param + X.ncnn.bin + X.ncnn.json): the deformable convs run as ncnn's DeformableConv2D.
+
+Route: pnnx from a TorchScript trace. ncnn from ONNX does not work (pnnx ignores DeformConv's attributes,
+onnx2ncnn rejects it); pnnx does map torchvision's DeformConv2d module. So on a copy of the model each
+DeformableConv2d becomes its offset/modulator convs (regular convs) feeding a module that looks like
+torchvision's to pnnx: class `torchvision.ops.deform_conv.DeformConv2d`, owning `weight`/`bias`, calling
+the op `torchvision::deform_conv2d` (registered here through torch.library and computed with models.dcn
+when torchvision is not installed). pnnx's pass matches that module with groups=1 only, so the plain
+3x3 form is traced, not the weights-first one.
+
+fp32 needs care twice: pnnx stores fp16 weights unless fp16=0, and ncnn computes in fp16/bf16 wherever
+the CPU can unless the net's options switch that off, so the fp32 runner does. The .param cannot carry
+metadata: it sits in the X.ncnn.json sidecar.
+"""
+import copy
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FFExportError
+from ..log import log, quiet
+from ..meta import artifact_metadata
+from ..runner import OUTPUTS, Runner
+from .base import Format, missing_modules
+
+PRECISIONS = ("fp32", "fp16")
+FIX = "pip install 'ffexport[ncnn]'"
+PARAM, BIN, SIDECAR = ".ncnn.param", ".ncnn.bin", ".ncnn.json"
+FP16_OPTIONS = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_packed", "use_bf16_storage")
+
+
+def available():
+    return missing_modules(("ncnn", "pnnx"), FIX)
+
+
+def runnable():
+    return missing_modules(("ncnn",), FIX)
+
+
+def _stem(path) -> Path:
+    """X for X.ncnn.param (or X.param, or X)."""
+    path = Path(path)
+    for suffix in (PARAM, ".param"):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def files(path):
+    stem = _stem(path)
+    return [stem.with_name(stem.name + s) for s in (PARAM, BIN, SIDECAR)]
+
+
+# ---- the traced model pnnx understands ----
+
+_OP = None
+
+
+def _torchvision_op():
+    """torch.ops.torchvision.deform_conv2d: torchvision's own when it imports, else ours (same schema)."""
+    global _OP
+    if _OP is not None:
+        return _OP
+    import torch
+
+    try:
+        import torchvision.ops  # noqa: F401 (registers the op)
+
+        _OP = torch.ops.torchvision.deform_conv2d
+        return _OP
+    except Exception:
+        pass
+    from models.dcn import deform_conv2d
+
+    # pnnx reads the op's arguments by name: the schema is torchvision's, parameter names included.
+    @torch.library.custom_op("torchvision::deform_conv2d", mutates_args=())
+    def _op(input: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
+            bias: torch.Tensor, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
+            dilation_w: int, groups: int, offset_groups: int, use_mask: bool) -> torch.Tensor:
+        return deform_conv2d(input, offset, mask, weight, bias, (stride_h, stride_w), (pad_h, pad_w),
+                             (dilation_h, dilation_w))
+
+    _OP = torch.ops.torchvision.deform_conv2d
+    return _OP
+
+
+def _pnnx_model(model):
+    """A deep copy of `model` whose deformable convs pnnx converts to ncnn DeformableConv2D."""
+    import torch
+    import torch.nn as nn
+
+    from models.dcn import DeformableConv2d
+
+    op = _torchvision_op()
+
+    class DeformConv2d(nn.Module):
+        def __init__(self, weight, stride, padding):
+            super().__init__()
+            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            # pnnx copies a bias when the module has one; torchvision's always does.
+            self.bias = nn.Parameter(torch.zeros(weight.shape[0]), requires_grad=False)
+            self.stride, self.padding = stride, padding
+
+        def forward(self, input, offset, mask):
+            return op(input, self.weight, offset, mask, self.bias, self.stride[0], self.stride[1],
+                      self.padding[0], self.padding[1], 1, 1, 1, 1, True)
+
+    # The qualified name pnnx's fuse pass matches (__torch__.torchvision.ops.deform_conv.DeformConv2d).
+    DeformConv2d.__module__ = "torchvision.ops.deform_conv"
+    DeformConv2d.__qualname__ = "DeformConv2d"
+
+    class DeformBlock(nn.Module):
+        def __init__(self, dcn):
+            super().__init__()
+            self.offset_conv, self.modulator_conv = dcn.offset_conv, dcn.modulator_conv
+            self.deform = DeformConv2d(dcn.regular_conv.weight, dcn.stride, dcn.padding)
+
+        def forward(self, x):
+            return self.deform(x, self.offset_conv(x), 2.0 * torch.sigmoid(self.modulator_conv(x)))
+
+    model = copy.deepcopy(model).eval()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DeformableConv2d):
+                setattr(parent, name, DeformBlock(child))
+                count += 1
+    return model, count
+
+
+def _run_pnnx(pt, size, fp16):
+    import pnnx
+
+    cmd = [pnnx.EXEC_PATH, pt.name, f"inputshape=[1,3,{size[0]},{size[1]}]", f"fp16={int(fp16)}"]
+    try:
+        proc = subprocess.run(cmd, cwd=pt.parent, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise FFExportError(f"pnnx did not run ({e}): reinstall it with {FIX}") from None
+    param = pt.with_name(pt.stem + PARAM)
+    if proc.returncode != 0 or not param.is_file():
+        tail = " | ".join(l for l in (proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        raise FFExportError(f"pnnx failed (exit {proc.returncode}: {tail[-600:]}): report this as an ffexport bug")
+    return param, pt.with_name(pt.stem + BIN)
+
+
+# ---- .param reading ----
+
+def parse_param(path) -> dict:
+    """Layer types, the input blob and the output blobs (produced, never consumed) of an ncnn .param."""
+    lines = Path(path).read_text().split("\n")
+    if not lines or lines[0].strip() != "7767517":
+        raise ValueError("no ncnn magic 7767517")
+    layers, produced, consumed, inputs = [], [], set(), []
+    for line in lines[2:]:
+        parts = line.split()
+        if not parts:
+            continue
+        kind, n_in, n_out = parts[0], int(parts[2]), int(parts[3])
+        bottoms, tops = parts[4:4 + n_in], parts[4 + n_in:4 + n_in + n_out]
+        layers.append(kind)
+        consumed.update(bottoms)
+        produced += tops
+        if kind == "Input":
+            inputs += tops
+    outputs = [b for b in produced if b not in consumed and b not in inputs]
+    # pnnx names a model's outputs out0, out1, ... in return order.
+    outputs.sort(key=lambda b: int(m.group(1)) if (m := re.fullmatch(r"out(\d+)", b)) else 1 << 30)
+    return {"layers": layers, "inputs": inputs, "outputs": outputs}
+
+
+def export_ncnn(model, name, out, opts) -> dict:
+    """Write X.ncnn.param, X.ncnn.bin and X.ncnn.json (`out` = X.ncnn.param) for a loaded FeatherFace."""
+    reason = available()
+    if reason:
+        raise FFExportError(reason)
+    import torch
+
+    if opts.dynamic:
+        raise FFExportError("ncnn exports a fixed input size here: drop --dynamic (pass --size H W instead)")
+    if opts.dcn not in (None, "native"):
+        raise FFExportError(f"ncnn runs the deformable conv natively: --dcn {opts.dcn} is not offered, drop --dcn")
+    precision = opts.precision or PRECISIONS[0]
+    if precision not in PRECISIONS:
+        raise FFExportError(f"unknown ncnn precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if opts.quantize or opts.nms or opts.image_input:
+        raise FFExportError("ncnn artifacts are float with raw outputs: drop --quantize/--nms/--image-input")
+    size = tuple(opts.input_size)
+    param_out, bin_out, json_out = files(out)
+    traced_model, n_dcn = _pnnx_model(model)
+    x = torch.zeros(1, 3, *size)
+    with tempfile.TemporaryDirectory(prefix="ffexport-ncnn-") as tmp:
+        pt = Path(tmp) / "model.pt"
+        with quiet(), torch.no_grad():
+            torch.jit.trace(traced_model, x).save(str(pt))
+        param, weights = _run_pnnx(pt, size, precision == "fp16")
+        info = parse_param(param)
+        n_native = info["layers"].count("DeformableConv2D")
+        if n_native != n_dcn or len(info["outputs"]) != len(OUTPUTS):
+            raise FFExportError(f"pnnx wrote {n_native} DeformableConv2D for {n_dcn} deformable convs and "
+                                f"{len(info['outputs'])} outputs: report this as an ffexport bug")
+        param_out.write_bytes(param.read_bytes())
+        bin_out.write_bytes(weights.read_bytes())
+    from importlib.metadata import version
+
+    meta = artifact_metadata(model, name, size, "native", precision=precision, quantization="none",
+                             runtime=f"ncnn {version('ncnn')} (pnnx {version('pnnx')})",
+                             deformable_convolutions=n_native, input_blob=info["inputs"][0],
+                             output_blobs=",".join(info["outputs"]))
+    json_out.write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"wrote {param_out} + {bin_out.name} + {json_out.name} (ncnn, {precision}, {n_native} native "
+        f"DeformableConv2D, {len(info['layers'])} layers, {'x'.join(map(str, size))})")
+    return {"precision": precision, "deformable_convolutions": n_native, "layers": len(info["layers"])}
+
+
+class NcnnRunner(Runner):
+    """Runs X.ncnn.param/.bin with the ncnn wheel on CPU; its sidecar says what the file is."""
+
+    kind = "ncnn"
+
+    def __init__(self, path, threads=None):
+        reason = runnable()
+        if reason:
+            raise FFExportError(reason)
+        import ncnn
+
+        param, weights, sidecar = files(path)
+        self.path = param
+        try:
+            info = parse_param(param)
+        except (OSError, ValueError, IndexError):
+            raise FFExportError(f"{param} is not an ncnn .param file: pass the X.ncnn.param written by "
+                                f"'ffexport ncnn'") from None
+        try:
+            self.meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            raise FFExportError(f"{param} has no readable ffexport sidecar {sidecar.name}, so it is not known to "
+                                f"be FeatherFace: keep the .ncnn.param/.bin/.json together or re-export it with "
+                                f"'ffexport ncnn'") from None
+        if "model" not in self.meta or len(info["outputs"]) != len(OUTPUTS) or len(info["inputs"]) != 1:
+            raise FFExportError(f"{param} is not a FeatherFace ncnn export (outputs {', '.join(info['outputs'])}): "
+                                f"pass a file written by 'ffexport ncnn'")
+        self.model = self.meta["model"]
+        self.precision = self.meta.get("precision", "fp32")
+        self.input_size = tuple(int(v) for v in self.meta["input_size"].split("x"))
+        self.input_blob, self.output_blobs = info["inputs"][0], info["outputs"]
+        self.net = ncnn.Net()
+        # Options apply at load time: set them first.
+        if threads:
+            self.net.opt.num_threads = int(threads)
+        if self.precision == "fp32":
+            for option in FP16_OPTIONS:
+                setattr(self.net.opt, option, False)
+        if self.net.load_param(str(param)) != 0 or self.net.load_model(str(weights)) != 0:
+            raise FFExportError(f"ncnn cannot load {param} with {weights.name}: re-export it with 'ffexport ncnn'")
+
+    def __call__(self, x):
+        import ncnn
+
+        ex = self.net.create_extractor()
+        ex.input(self.input_blob, ncnn.Mat(np.ascontiguousarray(x[0], np.float32)))
+        outs = []
+        for blob in self.output_blobs:
+            ret, mat = ex.extract(blob)
+            if ret != 0:
+                raise FFExportError(f"ncnn failed to compute {blob} of {self.path} (code {ret}): re-export it")
+            outs.append(np.array(mat)[None])  # ncnn drops the batch axis: (N, k) -> (1, N, k)
+        return tuple(outs)
+
+
+FORMAT = Format(
+    name="ncnn",
+    description="ncnn .param/.bin (pnnx from TorchScript), native DeformableConv2D; fp32 or fp16 weights",
+    suffixes=(PARAM,), export=export_ncnn, runner=lambda path, threads=None: NcnnRunner(path, threads),
+    dcn_forms=("native",), precisions=PRECISIONS, extra="ncnn", arm=True, available=available, runnable=runnable,
+    files=files)
