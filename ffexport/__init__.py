@@ -1,2 +1,2 @@
 """ffexport: export, quantize, verify and benchmark FeatherFace face detectors."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

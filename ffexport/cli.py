@@ -234,7 +234,7 @@ def parity(artifact, images, limit, runtime, weights, json_out, conf):
     from .exporter import check_writable
     from .formats.pytorch import TorchRunner
     from .images import list_images, spread
-    from .parity import compare
+    from .parity import compare, tolerance_class
     from .runtime import load_runner
     from .weights import load_model
 
@@ -245,7 +245,7 @@ def parity(artifact, images, limit, runtime, weights, json_out, conf):
         raise FFExportError(f"{artifact} carries no ffexport model metadata: re-export it with ffexport")
     files = _default_images(limit) if images is None else spread(list_images(images), limit)
     ref = TorchRunner(load_model(runner.model, weights), runner.model)
-    report = compare(ref, runner, files, conf=conf, precision=getattr(runner, "precision", "fp32"))
+    report = compare(ref, runner, files, conf=conf, precision=tolerance_class(runner))
     click.echo(report.summary())
     if json_out:
         write_json(json_out, report.to_json())

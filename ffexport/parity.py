@@ -14,7 +14,21 @@ TOLERANCES = {
     "fp32": {"max_abs": {"loc": 1e-3, "conf": 1e-4, "landmarks": 2e-3}, "matched": 1.0, "ap": 0.99},
     "fp16": {"max_abs": {"conf": 2e-2}, "matched": 0.97, "ap": 0.97},
     "int8": {"max_abs": {}, "matched": 0.90, "ap": 0.95},
+    # bf16 keeps 8 mantissa bits (fp16: 11): V2's conf moves by up to 9e-2 at 640x640 (OpenVINO bf16) while
+    # 99% of detections match, so it is held at detection level.
+    "bf16": {"max_abs": {}, "matched": 0.97, "ap": 0.97},
+    # --dcn fold / plain change the computation on purpose (their AP cost is measured and printed at
+    # export): parity then says how far the detections moved from the exact model, with a loose floor.
+    "approximation": {"max_abs": {}, "matched": 0.85, "ap": 0.85},
 }
+
+
+def tolerance_class(runner) -> str:
+    """Which TOLERANCES row an artifact is held to: its precision, or `approximation` for a DCN fold/plain."""
+    meta = getattr(runner, "meta", None) or {}
+    if meta.get("dcn") in ("fold", "plain"):
+        return "approximation"
+    return getattr(runner, "precision", "fp32") if getattr(runner, "precision", "fp32") in TOLERANCES else "int8"
 
 
 E2E_LANDMARKS_PX = 0.5  # an fp32 --nms artifact's landmarks vs PyTorch + host decoding, input pixels

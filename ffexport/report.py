@@ -195,8 +195,8 @@ def _precision(target) -> str:
 def _row(name, model, fmt, precision, input_size, status, reason="", peer=False, target=None, natural=True):
     return {"name": name, "model": model, "format": fmt, "precision": precision, "input_size": input_size,
             "status": status, "reason": reason, "size_mb": None, "parity": {}, "ap": dict.fromkeys(SETTINGS),
-            "median_ms": None,
-            "peer": peer, "target": target, "natural": natural}
+            "median_ms": None, "peer": peer,
+            "target": target, "natural": natural}  # the last two stay internal (not in report.json)
 
 
 def _first_line(e) -> str:
@@ -378,7 +378,7 @@ def _apply_timing(rows, timing):
             continue
         if t["status"] == "ok":
             row["median_ms"] = t["median_ms"]
-        else:
+        elif row["status"] != CHECK_FAILED:  # a row that failed to run fails its timing for the same reason
             row["reason"] = "; ".join(x for x in (row["reason"], f"timing {t['status']}: {t.get('note', '')}") if x)
 
 
@@ -449,11 +449,13 @@ def markdown(report, extra) -> str:
         "| artifact | format | precision | input | status | size MB | conf SQNR dB | matched | Easy | Medium | Hard "
         "| median ms | V2/V1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []  # why a row did not run or did not pass, below the table (the reasons are long)
     for r in report["rows"]:
-        p, ap = r["parity"], r["ap"]
-        status = r["status"] + (f": {r['reason']}" if r["status"] in (SKIPPED, EXPORT_FAILED, CHECK_FAILED) else "")
-        if r["peer"]:
-            status = "peer (reference)" if r["status"] == MEASURED else status
+        p = r["parity"]
+        status = "peer" if r["status"] == MEASURED else r["status"]
+        if r["status"] in (SKIPPED, EXPORT_FAILED, CHECK_FAILED):
+            notes.append(f"{len(notes) + 1}. **{r['name']}** {r['status']}: {r['reason']}")
+            status += f" ({len(notes)})"
         sqnr = p.get("conf_sqnr_db")
         # A FeatherFace row is named "<model> <target>" (_build).
         ratio_cell = ratio.get(r["name"][len(r["model"]) + 1:], "") if r["model"] == "v2" and not r["peer"] else ""
@@ -461,8 +463,9 @@ def markdown(report, extra) -> str:
             f"| {r['name']} | {r['format']} | {r['precision']} | {r['input_size']} | {status} | "
             f"{_num(r['size_mb'], 2)} | {'' if sqnr is None else 'inf' if math.isinf(sqnr) else f'{sqnr:.1f}'} | "
             f"{_pct(p.get('matched'))} | "
-            + " | ".join(_num(ap[s] * 100, 2) if _has_ap(r) else "" for s in SETTINGS)
+            + " | ".join(_num(r["ap"][s] * 100, 2) if _has_ap(r) else "" for s in SETTINGS)
             + f" | {_num(r['median_ms'], 1)} | {ratio_cell} |")
+    lines += [""] + notes if notes else []
     # A peer's row at its natural input size is named after the peer (_peer_rows).
     peers = [r for r in report["rows"] if r["peer"] and r["name"] == r["model"]]
     if peers:
@@ -481,7 +484,9 @@ def markdown(report, extra) -> str:
         lines += [f"- FAIL {b['message']}" for b in extra["below_min_ap"]] or \
                  ["- every verified FeatherFace row meets it"]
     lines += ["", "Status: *exported and verified* = ran here within the parity tolerances of its precision; "
-              "*reference* = the PyTorch checkpoint; *peer* = another face detector, measured the same way.", ""]
+              "*reference* = the PyTorch checkpoint; *peer* = another face detector (reference row), measured "
+              "the same way. Every FeatherFace row is `ffexport eval ARTIFACT --exclude-calibration` and "
+              "`ffexport bench --target T` on the same images and machine.", ""]
     return "\n".join(lines)
 
 
@@ -494,7 +499,9 @@ def _pct(v):
 
 
 def plot(report, out):
-    """Latency (log) vs Hard AP, one labelled point per row that ran and was verified (peers included)."""
+    """Latency (log) vs Hard AP, one point per row that ran and was verified (peers included). Left: every
+    point; right: the ones near FeatherFace, labelled (V1 and V2 of a target share one label, the colour
+    tells them apart), so a far-off peer (BlazeFace) does not squash the comparison that matters."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,23 +510,55 @@ def plot(report, out):
     from .cache import atomic_output
 
     pts = [r for r in report["rows"] if r["status"] in PLOTTED and _has_ap(r) and r["median_ms"]]
+    hard = lambda r: r["ap"]["hard"] * 100
+    ours = [hard(r) for r in pts if not r["peer"]] or [hard(r) for r in pts] or [0]
+    near = [r for r in pts if hard(r) >= min(ours) - 15]
     colors = {"v1": "#4c72b0", "v2": "#dd8452"}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in pts:
-        c = "#55a868" if r["peer"] else colors.get(r["model"], "#8172b2")
-        ax.scatter(r["median_ms"], r["ap"]["hard"] * 100, color=c, marker="s" if r["peer"] else "o", s=36, zorder=3)
-        ax.annotate(r["name"], (r["median_ms"], r["ap"]["hard"] * 100), textcoords="offset points", xytext=(4, 3),
-                    fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.6]})
+    for ax, rows in zip(axes, (pts, near)):
+        labels = {}
+        for r in rows:
+            c = "#55a868" if r["peer"] else colors.get(r["model"], "#8172b2")
+            ax.scatter(r["median_ms"], hard(r), color=c, marker="s" if r["peer"] else "o", s=36, zorder=3)
+            # A FeatherFace row is named "<model> <target>" (_build).
+            if ax is axes[1] or r not in near:
+                labels.setdefault(r["name"] if r["peer"] else r["name"][len(r["model"]) + 1:], []).append(r)
+        ax.set_xscale("log")
+        ax.set_xlabel("median latency, ms (log)")
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(x=0.2, y=0.15)
+        ax._labels = labels
+    axes[0].set_ylabel(f"WIDER FACE Hard AP, % ({report['images']} images)")
+    axes[0].set_title("all rows", fontsize=9)
+    axes[1].set_title(f"near FeatherFace (Hard AP >= {min(ours) - 15:.0f})", fontsize=9)
     for label, c, mk in (("FeatherFace V1", colors["v1"], "o"), ("FeatherFace V2", colors["v2"], "o"),
                          ("peer detectors", "#55a868", "s")):
-        ax.scatter([], [], color=c, marker=mk, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("median latency, ms (log)")
-    ax.set_ylabel(f"WIDER FACE Hard AP, % ({report['images']} images)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"latency vs Hard AP — {report['machine']['cpu']}", fontsize=9)
+        axes[1].scatter([], [], color=c, marker=mk, label=label)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"latency vs Hard AP — {report['machine']['cpu']}, {report['rows'][0]['input_size']}", fontsize=10)
     fig.tight_layout()
+    for ax in axes:
+        _place_labels(ax, {k: (float(np.exp(np.mean(np.log([r["median_ms"] for r in v])))),
+                               float(np.mean([hard(r) for r in v]))) for k, v in ax._labels.items()})
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _place_labels(ax, anchors, fontsize=7):
+    """Each label right of its point, moved down (with a leader line) until it overlaps no label above it."""
+    fig = ax.figure
+    fig.canvas.draw()
+    to_px = ax.transData.transform
+    line_h = fontsize * fig.dpi / 72 * 1.35
+    placed = []
+    for text, (x, y) in sorted(anchors.items(), key=lambda kv: -kv[1][1]):
+        px, py = to_px((x, y))
+        w = len(text) * fontsize * fig.dpi / 72 * 0.55
+        lx, ly = px + 6, py
+        while any(abs(ly - qy) < line_h and lx < qx + qw and qx < lx + w for qx, qy, qw in placed):
+            ly -= line_h / 2
+        placed.append((lx, ly, w))
+        moved = abs(ly - py) > 1
+        ax.annotate(text, (x, y), xytext=(lx - px, ly - py), textcoords="offset pixels", fontsize=fontsize,
+                    va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if moved else None)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__, formats
 from .cache import cache_dir
-from .formats.base import ExportOptions, Format
+from .formats.base import ExportOptions, Format, NmsOptions
 
 
 def arm_mode(remote=None) -> str:
@@ -31,6 +31,7 @@ class Target:
     arm: bool = False             # timed on an ARM device (or emulator), outputs checked against x86
     peer: str | None = None       # a reference detector, not FeatherFace: one row, its own input size
     dcn: str | None = None
+    nms: bool = False             # the --nms artifact: its row minus the raw row is the in-graph post-processing
     extra: dict = field(default_factory=dict)
 
     def skip(self, remote=None) -> str | None:
@@ -47,7 +48,7 @@ class Target:
 
     def options(self, size) -> ExportOptions:
         return ExportOptions(input_size=tuple(size), precision=self.precision, quantize=self.quantize,
-                             dcn=self.dcn, extra=dict(self.extra))
+                             dcn=self.dcn, nms=NmsOptions() if self.nms else None, extra=dict(self.extra))
 
     def build(self, model: str, size) -> str | None:
         """The artifact for `model` at `size`, exported into the bench cache unless it is there already."""
@@ -60,7 +61,8 @@ class Target:
         opts = self.options(size)
         sha = sha256sum(resolve(model))[:10]
         stem = default_output(self.fmt, model, opts).name
-        path = cache_dir("bench", f"ffexport-{__version__}") / f"{sha}-{size[0]}x{size[1]}-{stem}"
+        # The target's name in the file name: two targets may export the same format differently (opencv: grid).
+        path = cache_dir("bench", f"ffexport-{__version__}") / f"{sha}-{size[0]}x{size[1]}-{self.name}-{stem}"
         src = formats.exporting(self.fmt)
         if not all(p.exists() for p in src.files(path)):
             export(self.fmt.name, model, path, opts)
@@ -103,6 +105,8 @@ def targets() -> dict[str, Target]:
         variants += [(f"{base}-{q}", q, None) for q in (() if fmt.export_as else fmt.quantize)]
         for name, q, p in variants:
             out[name] = Target(name, fmt, quantize=q, precision=p)
+        if fmt.nms and not fmt.export_as:
+            out[f"{base}-nms"] = Target(f"{base}-nms", fmt, nms=True)
         if fmt.arm:
             for name, q, p in variants:
                 if p is None and q in (None, "int8"):

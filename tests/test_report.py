@@ -96,7 +96,7 @@ def test_floor_in_fractions_is_refused_before_any_work(tmp_path):
 def test_markdown_and_plot(run):
     result, out, _ = run
     md = (out / "report.md").read_text()
-    assert "| v2 onnxruntime | onnx | fp32 | 320x320 | exported and verified |" in md
+    assert "| v2 onnxruntime | onnx | fp32 | 320x320 | exported and verified |" in md and "| yunet | onnxruntime | fp32 | 640x640 | peer |" in md
     assert "| yunet | 640x640 |" in md and "OpenCV zoo" in md  # next to its published numbers
     assert (out / "latency_vs_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["files"]["plot"] == str(out / "latency_vs_ap.png")
