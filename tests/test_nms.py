@@ -266,3 +266,24 @@ def test_tflite_end_to_end_reproduces_pytorch_and_host(tflite_image_e2e, cases):
         assert outs["boxes"].shape == (300, 4) and outs["count"].dtype == np.int32
         pairs.append((c.name, c.host(), to_detections(*detections_from_outputs(outs))))
     assert_reproduces(pairs)
+
+
+def test_tiny_image_through_the_cli(onnx_files, tmp_path):
+    """A 24x18 face crop and a 1x1 image through `ffexport detect` with an --nms file: a valid answer, no error."""
+    import json
+
+    from helpers import run_cli
+
+    crop = read_image(IMAGES / "einstein.jpg")
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), cv2.resize(crop, (18, 24), interpolation=cv2.INTER_AREA))
+    dot = tmp_path / "dot.png"
+    cv2.imwrite(str(dot), crop[:1, :1])
+    for img in (tiny, dot):
+        r = run_cli("detect", img, "--artifact", onnx_files / "nms.onnx", "--json", tmp_path / "d.json")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        dets = json.loads((tmp_path / "d.json").read_text())["detections"]
+        h, w = cv2.imread(str(img)).shape[:2]
+        for d in dets:  # boxes in the tiny image's own pixels
+            cx, cy = (d["box"][0] + d["box"][2]) / 2, (d["box"][1] + d["box"][3]) / 2
+            assert -1 <= cx <= w + 1 and -1 <= cy <= h + 1
