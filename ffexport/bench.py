@@ -172,7 +172,8 @@ def bench(targets, models, sizes, threads, runs=100, warmup=10, remote=None, pro
                     continue
                 emulated = target.arm and arm_mode(remote) == "emulated"
                 n_runs, n_warm = (min(runs, 5), min(warmup, 1)) if emulated else (runs, warmup)
-                progress(f"bench: {name} {size_str} threads={th} ({n_runs} runs x {len(models)} models)...")
+                n_models = 1 if target.peer else len(models)
+                progress(f"bench: {name} {size_str} threads={th} ({n_runs} runs x {n_models} model{'s' * (n_models > 1)})...")
                 t0 = time.time()
                 new = run_job({"target": name, "models": [target.peer] if target.peer else models,
                                "size": list(size), "threads": th, "runs": n_runs, "warmup": n_warm,

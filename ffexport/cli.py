@@ -51,8 +51,8 @@ def user_errors(fn):
             click.echo("error: interrupted: nothing was written (run the command again)", err=True)
             sys.exit(EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM)
         except MemoryError:
-            click.echo(f"error: out of memory: use a smaller --input-size, fewer "
-                       f"images, or a machine with more memory", err=True)
+            click.echo("error: out of memory: use a smaller --input-size, fewer "
+                       "images, or a machine with more memory", err=True)
             sys.exit(1)
         except Exception as e:  # the net, not the fix: each known failure has its own check and message
             if verbose():

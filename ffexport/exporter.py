@@ -147,9 +147,12 @@ def export(fmt_name: str, model_name: str = "v2", out=None, opts: ExportOptions 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(_size(p) for p in src.files(out)) / 1e6
-    details = ", ".join(f"{k} {v}" for k, v in notes.items() if k in ("dcn", "precision", "quantization", "nodes",
-                                                                       "delegated", "check"))
-    log(f"wrote {out} ({size:.2f} MB, {time.time() - t0:.0f} s; {details})")
+    details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in notes.items()
+                        if k in ("dcn", "precision", "quantization", "nodes", "delegated", "deformable_convolutions",
+                                 "check"))
+    files = src.files(out)
+    also = f" + {', '.join(p.name for p in files[1:])}" if len(files) > 1 else ""
+    log(f"wrote {out}{also} ({size:.2f} MB, {time.time() - t0:.0f} s; {details})")
     return out
 
 

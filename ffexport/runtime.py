@@ -13,7 +13,7 @@ from models.preprocess import prepare
 from .errors import FFExportError
 from .images import MAX_PIXELS
 from .log import log
-from .runner import OUTPUTS, Runner  # noqa: F401 (re-exported: the runner API)
+from .runner import Runner
 
 
 def load_runner(artifact=None, model="v2", weights=None, threads=None, dcn="grid", runtime=None) -> Runner:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FFExportError
-from ..log import log, quiet
+from ..log import quiet
 from ..meta import artifact_metadata
 from ..runner import OUTPUTS, Runner
 from .base import Format, missing_modules
@@ -211,8 +211,6 @@ def export_ncnn(model, name, out, opts) -> dict:
                              deformable_convolutions=n_native, input_blob=info["inputs"][0],
                              output_blobs=",".join(info["outputs"]))
     json_out.write_text(json.dumps(meta, indent=1) + "\n")
-    log(f"wrote {param_out} + {bin_out.name} + {json_out.name} (ncnn, {precision}, {n_native} native "
-        f"DeformableConv2D, {len(info['layers'])} layers, {'x'.join(map(str, size))})")
     return {"precision": precision, "deformable_convolutions": n_native, "layers": len(info["layers"])}
 
 

@@ -23,7 +23,6 @@ OUTPUT_NAMES = ["loc", "conf", "landmarks"]
 
 def native_deformconv_supported() -> bool:
     """Whether the installed onnxruntime really runs ONNX DeformConv (checked by running one)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -146,9 +146,6 @@ def export_openvino(model, name, out, opts) -> dict:
         ov_model.set_rt_info(value, [RT_KEY, key])
     # save_model compresses weights to f16 unless told not to: only the f16 artifact wants that.
     ov.save_model(ov_model, str(out), compress_to_fp16=precision == "f16")
-    label = "int8 (NNCF)" if opts.quantize else precision
-    log(f"wrote {out} + {Path(out).with_suffix('.bin').name} (OpenVINO IR, {label}, {counts['deformable']} native "
-        f"DeformableConvolution, {'x'.join(map(str, size))})")
     return {"precision": precision, "quantization": opts.quantize or "none",
             "deformable_convolutions": counts["deformable"], **({"fake_quantize_nodes": counts["fake_quantize"]}
                                                                  if opts.quantize else {})}

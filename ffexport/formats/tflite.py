@@ -85,9 +85,10 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
         raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use {', '.join(DCN_FORMS)}")
     if quantize not in (None, "int8", "fp16"):
         raise FFExportError(f"unknown --quantize {quantize}: use int8 or fp16")
-    litert_torch = _need("litert_torch")
-    if quantize:
-        _need("ai_edge_quantizer.quantizer")
+    with quiet("torch", "torchao", "absl"):  # torchao's "Failed to load ..." notes on import
+        litert_torch = _need("litert_torch")
+        if quantize:
+            _need("ai_edge_quantizer.quantizer")
     t0 = time.time()
     h, w = input_size
     log(f"1/3 converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
