@@ -111,7 +111,8 @@ def worker(job: dict) -> list[dict]:
     if target.arm:  # timed on the device (or emulator): one model after the other
         for m, (path, runner, x) in runners.items():
             r = target.measure(path, x, threads, job["runs"], job["warmup"], job.get("remote"))
-            rows.append({"model": m, **_stats(r["times"]), "peak_rss_mb": r["peak_rss_mb"], "note": r["note"],
+            rss = round(r["peak_rss_mb"], 1) if r["peak_rss_mb"] is not None else None
+            rows.append({"model": m, **_stats(r["times"]), "peak_rss_mb": rss, "note": r["note"],
                          "runs": len(r["times"]), "device": r["device"], "max_abs_vs_x86": r["max_abs_vs_x86"]})
         return rows
     times = time_interleaved({m: functools.partial(runner, x) for m, (_, runner, x) in runners.items()},
