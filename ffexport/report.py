@@ -133,7 +133,7 @@ def _target_names(table, targets) -> list[str]:
     if unknown or not names:
         choices = ", ".join(n for n, t in table.items() if not t.peer)
         raise FFExportError(f"unsupported target {', '.join(unknown) or '(none)'}: choose from {choices} "
-                            f"(peers are chosen with peers=)")
+                            f"(peers are chosen with --peers)")
     return list(dict.fromkeys(names))
 
 
