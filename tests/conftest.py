@@ -15,6 +15,7 @@ def _weights_env():
     # The product looks weights up by name; point it at the shared checkpoints, never the network.
     os.environ.setdefault("FFEXPORT_WEIGHTS_DIR", str(WEIGHTS))
     os.environ.setdefault("FFEXPORT_WIDERFACE", str(WIDERFACE))
+    os.environ.setdefault("FFEXPORT_PEERS_DIR", str(SHARED / "peers"))  # peer detectors: the shared copies
 
 
 @pytest.fixture(scope="session")
