@@ -39,7 +39,8 @@ def versions() -> dict:
     # The code's own version, not the installed metadata's (stale in an editable install).
     out = {"ffexport": __version__}
     for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "tflite-runtime",
-                "litert-torch", "onnx2tf", "tensorflow", "coremltools", "executorch"):
+                "litert-torch", "onnx2tf", "tensorflow", "coremltools", "executorch", "openvino", "nncf", "ncnn",
+                "pnnx", "opencv-python-headless"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

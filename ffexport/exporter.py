@@ -70,14 +70,14 @@ def check_output(out: Path, fmt: Format, inputs=()) -> Path:
     if not any(out.name.lower().endswith(s) for s in fmt.suffixes):
         raise FFExportError(f"-o {out}: a {fmt.name} artifact is a {fmt.suffixes[0]} file: use -o NAME{fmt.suffixes[0]}")
     for p in fmt.files(out):
-        check_writable(p, "-o", folder_artifact=fmt.name == "coreml", inputs=inputs)
+        check_writable(p, "-o", own_folder=fmt.own_folder, inputs=inputs)
     return out
 
 
-def check_writable(path, option, folder_artifact=False, inputs=()) -> Path:
-    """An output path that can be written atomically and replaces nothing it must not."""
-    from .formats.coreml import is_package
-
+def check_writable(path, option, own_folder=None, inputs=()) -> Path:
+    """An output path that can be written atomically and replaces nothing it must not. `own_folder` tells a
+    folder artifact (Format.own_folder) from any other folder, which is never replaced."""
+    folder_artifact = own_folder is not None
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
@@ -86,11 +86,11 @@ def check_writable(path, option, folder_artifact=False, inputs=()) -> Path:
         raise FFExportError(f"{option} {path}: {parent} is a file, not a folder: choose another path")
     if not os.access(parent, os.W_OK):
         raise FFExportError(f"{option} {path}: folder {parent} is not writable: choose another path")
-    if path.is_dir() and not (folder_artifact and is_package(path)):
-        raise FFExportError(f"{option} {path} is an existing folder{' that is not a Core ML package' if folder_artifact else ''}"
+    if path.is_dir() and not (folder_artifact and own_folder(path)):
+        raise FFExportError(f"{option} {path} is an existing folder{' that is not a ' + own_folder.what if folder_artifact else ''}"
                             f": choose a file path (nothing was written)")
     if folder_artifact and path.exists() and not path.is_dir():
-        raise FFExportError(f"{option} {path} is an existing file, not a .mlpackage folder: choose another path")
+        raise FFExportError(f"{option} {path} is an existing file, not a {own_folder.what}: choose another path")
     for i in inputs:
         if i is not None and path.exists() and Path(i).exists() and os.path.samefile(path, i):
             raise FFExportError(f"{option} {path} is also an input of this command: choose another output path")

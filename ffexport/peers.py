@@ -542,6 +542,13 @@ PEERS = {
 }
 
 
+def peer_available(name) -> str | None:
+    """None when peer `name` can run here, else why (BlazeFace needs a TFLite interpreter)."""
+    if name == "blazeface" and importlib.util.find_spec("ai_edge_litert") is None:
+        return "BlazeFace runs on TFLite: pip install 'ffexport[tflite]'"
+    return None
+
+
 def get_peer(name) -> Peer:
     if name not in PEERS:
         raise FFExportError(f"unknown peer {name!r}: choose one of {', '.join(PEERS)}")

@@ -37,7 +37,9 @@ class Target:
     def skip(self, remote=None) -> str | None:
         """Why this target cannot run here (None when it can)."""
         if self.peer:
-            return _peer_available(self.peer)
+            from .peers import peer_available
+
+            return peer_available(self.peer)
         src = formats.exporting(self.fmt)
         reason = (src.available() if src.export else None) or self.fmt.runnable()
         if reason or not self.arm:
@@ -118,10 +120,3 @@ def targets() -> dict[str, Target]:
         out[peer] = Target(peer, peer=peer)
     return out
 
-
-def _peer_available(name) -> str | None:
-    import importlib.util
-
-    if name == "blazeface" and importlib.util.find_spec("ai_edge_litert") is None:
-        return "BlazeFace runs on TFLite: pip install 'ffexport[tflite]'"
-    return None

@@ -75,6 +75,7 @@ class Format:
     runnable: Callable = _no_reason   # () -> None if its runner runs here, else "<why>: <fix>"
     options: tuple = ()              # format-specific `Option`s
     files: Callable = lambda path: [Path(path)]  # every file/folder an artifact at `path` consists of
+    own_folder: Callable | None = None  # folder artifacts (.mlpackage): is an existing folder this format's own?
     target: str | None = None        # bench target name (default: the format name)
     dynamic: bool = False            # can export dynamic H/W (--dynamic)
     nms: bool = False                # supports --nms (in-graph post-processing)

@@ -401,6 +401,9 @@ def is_package(path) -> bool:
     return (Path(path) / "Manifest.json").is_file()
 
 
+is_package.what = "Core ML package"  # how the export's refusal names a folder that is not one
+
+
 def _available():
     try:
         _ct()
@@ -421,6 +424,6 @@ FORMAT = Format(
     export=lambda model, name, out, opts: export_coreml(model, name, out, opts.input_size, opts.precision,
                                                         opts.quantize, opts.calib, opts.calib_size,
                                                         opts.extra["input_type"], opts.dcn),
-    runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable,
+    runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable, own_folder=is_package,
     options=(Option("input_type", "image", "image: a CVPixelBuffer (BGR, mean subtracted in the model); "
                                            "tensor: float NCHW.", str, INPUT_TYPES),))
