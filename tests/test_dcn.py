@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.dcn import deform_conv2d, deform_conv2d_rows
+from models.dcn import FORMS, DeformableConv2d, deform_conv2d, deform_conv2d_rows
 
 
 def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
@@ -39,9 +39,10 @@ def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
     return out
 
 
-@pytest.mark.parametrize("sampler", ["grid", "gather", "rows"])
+@pytest.mark.parametrize("sampler,weights_first", [("grid", False), ("grid", True), ("gather", False),
+                                                   ("rows", False), ("rows", True)])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_matches_naive_reference_with_large_offsets(sampler, stride):
+def test_matches_naive_reference_with_large_offsets(sampler, weights_first, stride):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 7, 9)).astype(np.float32)
     ho, wo = (7 + 2 - 3) // stride + 1, (9 + 2 - 3) // stride + 1
@@ -53,9 +54,9 @@ def test_matches_naive_reference_with_large_offsets(sampler, stride):
                     weight.astype(np.float64), stride)
     args = [torch.from_numpy(a) for a in (x, offset, mask, weight)]
     if sampler == "rows":
-        got = deform_conv2d_rows(*args, (stride, stride), (1, 1)).numpy()
+        got = deform_conv2d_rows(*args, (stride, stride), (1, 1), weights_first).numpy()
     else:
-        got = deform_conv2d(*args, None, (stride, stride), (1, 1), (1, 1), sampler).numpy()
+        got = deform_conv2d(*args, None, (stride, stride), (1, 1), (1, 1), sampler, weights_first).numpy()
     assert got.shape == ref.shape
     outside = ((offset[:, 0::2] + 3 < -1) | (offset[:, 0::2] - 3 > 7)).mean()
     assert outside > 0.05, "the test must exercise samples outside the image"
@@ -71,3 +72,21 @@ def test_zero_offsets_unit_mask_is_regular_conv():
     for sampler in ("grid", "gather"):
         assert (deform_conv2d(x, off, mask, w, sampler=sampler) - ref).abs().max() < 1e-4
     assert (deform_conv2d_rows(x, off, mask, w) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 3), (4, 4)])  # weights first (O < C) and not
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_exact_form_of_the_layer_matches_naive_reference(cin, cout, stride):
+    """The layer as the model runs it: merged offset/mask conv, kernel positions in the bias, weights first."""
+    torch.manual_seed(0)
+    layer = DeformableConv2d(cin, cout, stride=stride).eval()
+    with torch.no_grad():
+        layer.offset_conv.weight.mul_(3)  # offsets of several pixels, some taps outside the image
+        layer.offset_conv.bias.uniform_(-4, 4)
+        x = torch.randn(2, cin, 9, 11)
+        offset, mask = layer.offset_conv(x), 2 * torch.sigmoid(layer.modulator_conv(x))
+        ref = naive_dcn(*(t.double().numpy() for t in (x, offset, mask, layer.regular_conv.weight)), stride)
+        for form in [f for f in FORMS if f not in ("plain", "fold")]:
+            layer.form = form
+            got = layer(x).numpy()
+            assert np.abs(got - ref).max() <= 1e-5, form

@@ -55,6 +55,29 @@ def test_int8_runs_and_finds_the_faces(tflites, v2_model):
     assert report.detections["matched"] >= 0.7 and report.tensors["conf"]["cosine"] > 0.999
 
 
+def _convs(path):
+    """(output channels, output dtype) of every CONV_2D in a .tflite."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fb
+
+    model = fb.read_model(str(path))
+    graph = model.subgraphs[0]
+    conv = schema.BuiltinOperator.CONV_2D
+    return [(graph.tensors[op.outputs[0]].shape[-1], graph.tensors[op.outputs[0]].type) for op in graph.operators
+            if model.operatorCodes[op.opcodeIndex].builtinCode == conv]
+
+
+def test_one_offset_mask_conv_per_dcn_kept_float_in_int8(tflites):
+    from ai_edge_litert import schema_py_generated as schema
+
+    fp32, int8 = _convs(tflites / "fp32.tflite"), _convs(tflites / "int8.tflite")
+    # 15 DCNs, each with ONE 27-channel conv (18 offsets + 9 mask logits), not an 18- and a 9-channel pass.
+    assert sum(ch == 27 for ch, _ in fp32) == 15 and not any(ch in (18, 9) for ch, _ in fp32)
+    # int8 sampling coordinates cost detections: those convs stay float, the weights-first and body convs do not.
+    assert {t for ch, t in int8 if ch == 27} == {schema.TensorType.FLOAT32}
+    assert sum(t == schema.TensorType.INT8 for ch, t in int8 if ch in (9 * 28, 9 * 14)) == 6
+
+
 def test_wrong_input_shape_is_a_one_line_error(tflites):
     runner = TFLiteRunner(tflites / "fp32.tflite")
     with pytest.raises(FFExportError, match=r"\(1, 3, 320, 320\)"):
