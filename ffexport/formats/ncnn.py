@@ -116,11 +116,19 @@ def _pnnx_model(model):
     class DeformBlock(nn.Module):
         def __init__(self, dcn):
             super().__init__()
-            self.offset_conv, self.modulator_conv = dcn.offset_conv, dcn.modulator_conv
+            oc, mc = dcn.offset_conv, dcn.modulator_conv
+            # One conv for the offsets and the mask (18 + 9 channels), not two passes over x.
+            self.offset_mask = nn.Conv2d(oc.in_channels, oc.out_channels + mc.out_channels, oc.kernel_size,
+                                         oc.stride, oc.padding)
+            with torch.no_grad():
+                self.offset_mask.weight.copy_(torch.cat((oc.weight, mc.weight)))
+                self.offset_mask.bias.copy_(torch.cat((oc.bias, mc.bias)))
+            self.split = oc.out_channels
             self.deform = DeformConv2d(dcn.regular_conv.weight, dcn.stride, dcn.padding)
 
         def forward(self, x):
-            return self.deform(x, self.offset_conv(x), 2.0 * torch.sigmoid(self.modulator_conv(x)))
+            om = self.offset_mask(x)
+            return self.deform(x, om[:, :self.split], 2.0 * torch.sigmoid(om[:, self.split:]))
 
     model = copy.deepcopy(model).eval()
     count = 0
