@@ -3,7 +3,7 @@
 640x640; parity of every exact artifact vs PyTorch; TFLite int8 vs fp32 WIDER AP. Writes
 benchmarks/dcn.json and benchmarks/dcn.png.
 
-    nice python benchmarks/dcn.py                        # latency, parity, ap (~15 min on 2 cores)
+    nice python benchmarks/dcn.py                        # latency (with parity), ap (~10 min on 2 cores)
     nice python benchmarks/dcn.py --only latency --runs 30
     /path/to/executorch-venv/bin/python benchmarks/dcn.py --only executorch   # adds ExecuTorch rows
 
@@ -256,7 +256,7 @@ def plot(res, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="latency,parity,ap", help="sections; 'plot' only redraws dcn.png")
+    ap.add_argument("--only", default="latency,ap", help="sections; 'plot' only redraws dcn.png")
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -265,9 +265,7 @@ def main():
     res = json.loads(OUT.read_text()) if OUT.exists() else {}
     for section in args.only.split(","):
         t0 = time.perf_counter()
-        if section in ("latency", "parity"):  # one loop measures both
-            if "latency" in res and section == "parity":
-                continue
+        if section == "latency":  # also each exact artifact's parity vs PyTorch
             section_latency(res, args.runs, list(RUNTIMES))
             res["machine"], res["versions"] = machine_info(), versions()
         elif section == "executorch":

@@ -82,6 +82,18 @@ def _sample_gather(x, py, px):
     return out
 
 
+def _sample_per_kernel_point(y, py, px, mask):
+    """Sum over kernel points k of mask_k * bilinear(y_k at (py_k, px_k)): the weights-first DCN.
+
+    y: (N, K*O, H, W), the conv already applied per kernel point (channel k*O + o); py, px, mask:
+    (N, K, Ho, Wo). Each kernel point samples only its own O-channel map: K folded into the batch."""
+    n, ko, h, w = y.shape
+    _, k, ho, wo = py.shape
+    o = ko // k
+    s = _sample_grid(y.reshape(n * k, o, h, w), py.reshape(n * k, 1, ho, wo), px.reshape(n * k, 1, ho, wo))
+    return (s.reshape(n, k, o, ho, wo) * mask.unsqueeze(2)).sum(1)
+
+
 def deform_conv2d(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
                   sampler="grid", weights_first=False):
     """torchvision.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask).
@@ -94,9 +106,7 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(1,
     py, px = _sampling_points(offset, h, w, kh, kw, stride, padding, dilation)
     k, (ho, wo) = kh * kw, py.shape[2:]  # k from the weight: a traced size would leave the conv kernel unshaped
     if weights_first and sampler == "grid":
-        y = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * o, c, 1, 1)).reshape(n * k, o, h, w)
-        s = _sample_grid(y, py.reshape(n * k, 1, ho, wo), px.reshape(n * k, 1, ho, wo))  # (N*K, O, 1, Ho, Wo)
-        out = (s.reshape(n, k, o, ho, wo) * mask.unsqueeze(2)).sum(1)
+        out = _sample_per_kernel_point(F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * o, c, 1, 1)), py, px, mask)
         return out if bias is None else out + bias.view(1, o, 1, 1)
     cols = (_sample_grid if sampler == "grid" else _sample_gather)(x, py, px)
     cols = cols * mask.unsqueeze(1)
@@ -231,13 +241,11 @@ def deform_sample_groups(y, offset, mask, stride=(1, 1)):
 
     y: (N, K*O, H, W), the conv already applied per kernel point (channel k*O + o); offset (N, 2K, Ho, Wo)
     the whole displacement (dy, dx) of each kernel point, its position in the kernel included."""
-    n, ko, h, w = y.shape
-    k = mask.shape[1]
-    o, (ho, wo) = ko // k, offset.shape[2:]
-    # Each kernel point is a 1x1 sampling of its own O-channel map: fold K into the batch.
+    n, _, h, w = y.shape
+    k, (ho, wo) = mask.shape[1], offset.shape[2:]
+    # Each kernel point is a 1x1 sampling at its own displacement.
     py, px = _sampling_points(offset.reshape(n * k, 2, ho, wo), h, w, 1, 1, stride, (0, 0), (1, 1))
-    s = _sample_grid(y.reshape(n * k, o, h, w), py, px)  # (N*K, O, 1, Ho, Wo)
-    return (s.reshape(n, k, o, ho, wo) * mask.unsqueeze(2)).sum(1)
+    return _sample_per_kernel_point(y, py.reshape(n, k, ho, wo), px.reshape(n, k, ho, wo), mask)
 
 
 @torch.library.custom_op("ffexport::deform_sample_groups", mutates_args=())
