@@ -184,7 +184,7 @@ def section_latency(res, runs, runtimes):
     for rt in runtimes:
         forms, build = (RUNTIMES | {"executorch": (("grid", "rows"), _executorch)})[rt]
         for form in (*forms, "plain"):
-            run = build(form) if not (rt == "tflite-int8" and form == "plain") else _tflite("plain", "int8")
+            run = build(form)
             out = run(x)
             if form != "plain":
                 conf = np.asarray(out[1]).reshape(ref[1].shape)

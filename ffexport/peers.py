@@ -302,12 +302,13 @@ def _size(size):
     return h, w
 
 
-def describe_size(size) -> str:
+def describe_size(size, short=False) -> str:
+    """How a peer sizes its input: a sentence for eval results, or short=True for a table cell."""
     if size == ORIGINAL:
-        return "original image size"
+        return "original" if short else "original image size"
     if isinstance(size, int):
-        return f"long side {size} (aspect kept, no padding)"
-    return f"letterboxed to {size[0]}x{size[1]}"
+        return f"long side {size}" + ("" if short else " (aspect kept, no padding)")
+    return f"{size[0]}x{size[1]}" if short else f"letterboxed to {size[0]}x{size[1]}"
 
 
 def _fit(img, size):

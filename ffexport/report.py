@@ -290,16 +290,6 @@ def _parity(rep) -> dict:
 
 # ---- peers ----------------------------------------------------------------------------------------------
 
-def _size_str(size) -> str:
-    from .peers import ORIGINAL
-
-    if size == ORIGINAL:
-        return "original"
-    if isinstance(size, int):
-        return f"long side {size}"
-    return f"{size[0]}x{size[1]}"
-
-
 def _published(name):
     from .peers import get_peer
 
@@ -308,14 +298,15 @@ def _published(name):
 
 def _peer_rows(name, target, root, images, size, threads, progress) -> list[dict]:
     """The peer at its natural (published) input size, and at the report's size when that differs."""
-    from .peers import evaluate_peer, get_peer
+    from .peers import describe_size, evaluate_peer, get_peer
 
+    cell = (lambda s: describe_size(s, short=True))
     peer = get_peer(name)
-    sizes = [(peer.natural, True)] + ([(tuple(size), False)] if _size_str(peer.natural) != _size_str(size) else [])
+    sizes = [(peer.natural, True)] + ([(tuple(size), False)] if cell(peer.natural) != cell(size) else [])
     out = []
     for s, natural in sizes:
-        row = _row(name if natural else f"{name} {_size_str(s)}", name, getattr(peer.detector, "kind", ""), "fp32",
-                   _size_str(s), MEASURED, peer=True, target=name, natural=natural)
+        row = _row(name if natural else f"{name} {cell(s)}", name, getattr(peer.detector, "kind", ""), "fp32",
+                   cell(s), MEASURED, peer=True, target=name, natural=natural)
         pub = peer.published
         row["reason"] = f"reference detector: {peer.title}, {peer.license}" + (
             f"; published WIDER FACE val AP {_ap_str(pub)} ({pub['protocol']})" if pub else "")

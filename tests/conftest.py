@@ -6,6 +6,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FFEXPORT_SHARED", REPO.parent / "shared"))
 IMAGES = SHARED / "images"
+# The real photos (a crowd, groups, portraits) every parity test runs on.
+PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 WEIGHTS = Path(os.environ.get("FFEXPORT_WEIGHTS_DIR", SHARED / "weights"))
 WIDERFACE = Path(os.environ.get("FFEXPORT_WIDERFACE", SHARED / "widerface"))
 

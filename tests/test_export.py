@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import IMAGES
+from conftest import IMAGES, PHOTOS
 from ffexport.formats.onnx import export_onnx, native_deformconv_supported
 from ffexport.formats.torchscript import export_torchscript
 from ffexport.parity import TOLERANCES, compare
@@ -14,8 +14,6 @@ from ffexport.formats.pytorch import TorchRunner
 from ffexport.formats.torchscript import TorchScriptRunner
 from ffexport.runtime import load_runner
 from helpers import assert_one_line_error, run_cli
-
-REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def test_onnx_graph_is_standard_simplified_and_described(exports):
 @pytest.mark.parametrize("name", ["native.onnx", "v2.pt"])
 def test_fp32_artifact_matches_pytorch_on_real_images(exports, v2_model, name):
     runner = load_runner(exports / name)
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, progress=False)
     tol = TOLERANCES["fp32"]["max_abs"]
     assert report.tensors["conf"]["max_abs"] <= 1e-4 == tol["conf"]
     assert report.tensors["loc"]["max_abs"] <= 1e-3 == tol["loc"]
@@ -73,7 +71,7 @@ def test_dynamic_export_at_other_sizes(exports, v2_model, hw, batch):
 
     runner = OnnxRunner(exports / "dynamic.onnx")
     assert runner.input_size is None and runner.multiple == 32
-    x = np.concatenate([to_tensor(letterbox(read_image(p), hw)[0]) for p in REAL[:batch]])
+    x = np.concatenate([to_tensor(letterbox(read_image(p), hw)[0]) for p in PHOTOS[:batch]])
     ref, got = TorchRunner(v2_model)(x), runner(x)
     assert got[0].shape == ref[0].shape == (batch, ref[0].shape[1], 4)
     assert np.abs(got[1] - ref[1]).max() <= 1e-4
@@ -85,7 +83,7 @@ def test_decomposed_dcn_forms_match_pytorch(tmp_path, v2_model, form):
     export_onnx(v2_model, "v2", tmp_path / f"{form}.onnx", input_size=(320, 320), dcn=form)
     proto = onnx.load(str(tmp_path / f"{form}.onnx"))
     assert "DeformConv" not in {n.op_type for n in proto.graph.node}
-    report = compare(TorchRunner(v2_model, "v2"), OnnxRunner(tmp_path / f"{form}.onnx"), REAL[:3], progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), OnnxRunner(tmp_path / f"{form}.onnx"), PHOTOS[:3], progress=False)
     assert report.tensors["conf"]["max_abs"] <= 1e-4 and report.detections["matched"] == 1.0
 
 

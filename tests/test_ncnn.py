@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import IMAGES
+from conftest import PHOTOS
 from ffexport.errors import FFExportError
 from ffexport.formats import ncnn as ncf
 from ffexport.formats.base import ExportOptions
@@ -12,7 +12,6 @@ from ffexport.parity import compare
 
 pytestmark = pytest.mark.skipif(ncf.available() is not None, reason=str(ncf.available()))
 
-REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 SIZE = (320, 320)
 
 
@@ -47,7 +46,7 @@ def test_fp32_matches_pytorch_on_real_photos(exported, v2_model):
     # ncnn would compute in fp16/bf16 where the CPU can: the fp32 runner switched that off.
     assert not any(getattr(runner.net.opt, o) for o in ncf.FP16_OPTIONS)
     assert runner.net.opt.num_threads == 1
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, progress=False)
     assert report.tensors["conf"]["max_abs"] <= 1e-4
     assert report.detections["matched"] == 1.0 and report.detections["ref_count"] > 0
     assert report.ok, report.summary()
@@ -57,7 +56,7 @@ def test_fp16_within_fp16_tolerances(exported, v2_model):
     d, _ = exported
     runner = ncf.NcnnRunner(d / "v2_fp16.ncnn.param", threads=1)
     assert runner.precision == "fp16"
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, precision="fp16", progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, precision="fp16", progress=False)
     assert report.ok, report.summary()
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import IMAGES, WIDERFACE
+from conftest import IMAGES, PHOTOS, WIDERFACE
 from ffexport.e2e import E2E_OUTPUTS, detections_from_outputs, letterbox_rule, name_outputs, to_detections
 from ffexport.evaluate import evaluation_keys
 from ffexport.formats.base import NmsOptions
@@ -24,7 +24,6 @@ from models.postprocess import Detections, detect
 from models.preprocess import letterbox, to_tensor
 
 SIZE = (640, 640)
-PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 
 
 class Case:

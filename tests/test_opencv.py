@@ -1,17 +1,14 @@
 """OpenCV DNN as a runtime for ffexport's ONNX files: the grid form opens and matches PyTorch; the native form
 is refused with the fix, and `ffexport onnx` says so when it writes one."""
-from pathlib import Path
 
 import pytest
 
-from conftest import IMAGES
+from conftest import IMAGES, PHOTOS
 from ffexport.formats.opencv import OpenCVRunner
 from ffexport.formats.pytorch import TorchRunner
 from ffexport.parity import compare
 from ffexport.runtime import load_runner
 from helpers import assert_one_line_error, run_cli
-
-REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def test_grid_onnx_in_opencv_matches_pytorch(files, v2_model):
     d, _, _ = files
     runner = load_runner(d / "grid.onnx", runtime="opencv", threads=1)
     assert isinstance(runner, OpenCVRunner) and runner.input_size == (320, 320)
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, progress=False)
     assert report.tensors["conf"]["max_abs"] <= 1e-4 and report.detections["matched"] == 1.0, report.summary()
     assert report.ok, report.summary()
 

@@ -1,7 +1,7 @@
 """OpenVINO IR export (native DeformableConvolution) and its runner, against PyTorch on real images."""
 import pytest
 
-from conftest import IMAGES
+from conftest import PHOTOS
 from ffexport.errors import FFExportError
 from ffexport.formats import openvino as ovf
 from ffexport.formats.base import ExportOptions
@@ -10,7 +10,6 @@ from ffexport.parity import TOLERANCES, compare
 
 pytestmark = pytest.mark.skipif(ovf.available() is not None, reason=str(ovf.available()))
 
-REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 SIZE = (320, 320)
 
 
@@ -54,7 +53,7 @@ def test_f32_matches_pytorch_on_real_photos(irs, v2_model):
     runner = ovf.OpenVINORunner(irs / "v2.xml", threads=1)
     # Never OpenVINO's silent bf16 default: the runner asked for f32 and the plugin compiled f32.
     assert runner.requested == "f32" and runner.inference_precision == "f32" and runner.precision == "fp32"
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, progress=False)
     assert report.tensors["conf"]["max_abs"] <= 1e-4
     assert report.detections["matched"] == 1.0 and report.detections["ref_count"] > 0
     assert report.ok, report.summary()
@@ -66,7 +65,7 @@ def test_bf16_is_declared_and_requested(irs, v2_model):
     assert runner.inference_precision in ("bf16", "f32")  # f32 on CPUs without bf16 arithmetic
     if runner.inference_precision == "bf16":
         assert runner.precision != "fp32" and "[bf16]" in runner.describe()
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, precision=runner.precision, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, precision=runner.precision, progress=False)
     assert report.detections["matched"] >= TOLERANCES["fp16"]["matched"], report.summary()
     assert report.ok, report.summary()
 
@@ -78,7 +77,7 @@ def test_int8_quantizes_convs_and_keeps_deformable_f32(irs, v2_model):
     precisions = _runtime_precisions(runner)
     assert precisions["DeformableConvolution"] == {"f32": 15}
     assert set(precisions["Convolution"]) == {"u8"}, precisions["Convolution"]
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, precision="int8", progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, precision="int8", progress=False)
     assert report.ok, report.summary()
 
 

@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("litert_torch", reason="TFLite converter not installed: pip install 'ffexport[tflite]'")
 
-from conftest import IMAGES  # noqa: E402
+from conftest import IMAGES, PHOTOS  # noqa: E402
 from ffexport.errors import FFExportError  # noqa: E402
 from ffexport.formats.tflite import TFLiteRunner, export_tflite, read_metadata  # noqa: E402
 from ffexport.parity import compare  # noqa: E402
@@ -12,7 +12,6 @@ from ffexport.formats.pytorch import TorchRunner  # noqa: E402
 from ffexport.runtime import load_runner  # noqa: E402
 from helpers import assert_one_line_error, run_cli  # noqa: E402
 
-REAL = sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
 SIZE = (320, 320)
 
 
@@ -29,7 +28,7 @@ def test_fp32_matches_pytorch(tflites, v2_model):
     runner = load_runner(tflites / "fp32.tflite")
     assert isinstance(runner, TFLiteRunner) and runner.input_size == SIZE and runner.model == "v2"
     assert runner.precision == "fp32"
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, progress=False)
     assert report.tensors["conf"]["max_abs"] <= 1e-4 and report.tensors["loc"]["max_abs"] <= 1e-3
     assert report.detections["matched"] == 1.0 and report.ok
 
@@ -50,7 +49,7 @@ def test_int8_runs_and_finds_the_faces(tflites, v2_model):
     runner = TFLiteRunner(tflites / "int8.tflite", threads=2)
     assert runner.precision == "int8"
     assert (tflites / "int8.tflite").stat().st_size < 0.75 * (tflites / "fp32.tflite").stat().st_size
-    report = compare(TorchRunner(v2_model, "v2"), runner, REAL, precision="int8", progress=False)
+    report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, precision="int8", progress=False)
     # Static int8 costs detections on this model (about 80% matched at 640x640, see README); it must still work.
     assert report.detections["matched"] >= 0.7 and report.tensors["conf"]["cosine"] > 0.999
 
