@@ -1,7 +1,7 @@
 """Core ML cost of each DCN form, measured statically: Core ML converts here but runs only on macOS, so
 instead of a time this records what a Mac user needs to pick a form to time: the converted ML Program's op
 counts (resampling ops among them), the values each form resamples per frame, package size, conversion
-time. FeatherFace V2, 640x640, `ffexport coreml`'s defaults. Writes benchmarks/coreml_ops.json.
+time. FeatherFace V2, 640x640, `ffexport coreml`'s defaults. Writes benchmarks/results/coreml_ops.json.
 
     FFEXPORT_WEIGHTS_DIR=... FFEXPORT_WIDERFACE=... python benchmarks/coreml_ops.py
 """
@@ -16,12 +16,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models.dcn  # noqa: E402
+from ffexport.models import dcn as _models_dcn  # noqa: E402
 from ffexport.bench import versions  # noqa: E402
 from ffexport.fold import DEFAULT_KEEP, fold_model  # noqa: E402
 from ffexport.formats.coreml import DCN_FORMS, export_coreml, inspect_coreml  # noqa: E402
 from ffexport.weights import load_model  # noqa: E402
-from models.dcn import DeformableConv2d, dcn_form  # noqa: E402
+from ffexport.models.dcn import DeformableConv2d, dcn_form  # noqa: E402
 
 SIZE = (640, 640)
 CALIB = 100  # the CLI's --calib-size default, so the fold is the one `ffexport coreml --dcn fold` builds
@@ -57,7 +57,7 @@ def resampled(model, form):
     pixels, counted = {}, [0]
     hooks = [m.register_forward_hook(lambda m, i, out, n=n: pixels.__setitem__(n, out.shape[2] * out.shape[3]))
              for n, m in model.named_modules() if isinstance(m, DeformableConv2d)]
-    samplers = models.dcn._sample_grid, models.dcn._sample_gather
+    samplers = _models_dcn._sample_grid, _models_dcn._sample_gather
 
     def counting(f):
         def sample(*a):
@@ -66,12 +66,12 @@ def resampled(model, form):
             return out
         return sample
 
-    models.dcn._sample_grid, models.dcn._sample_gather = map(counting, samplers)
+    _models_dcn._sample_grid, _models_dcn._sample_gather = map(counting, samplers)
     try:
         with dcn_form(model, form), torch.no_grad():
             model(torch.zeros(1, 3, *SIZE))
     finally:
-        models.dcn._sample_grid, models.dcn._sample_gather = samplers
+        _models_dcn._sample_grid, _models_dcn._sample_gather = samplers
         for h in hooks:
             h.remove()
     mods = dict(model.named_modules())
@@ -131,7 +131,7 @@ def main():
              "convert_s": "torch.export + ct.convert + save, this machine (not a Core ML run time)",
              "failed": failed}
     doc = {"setup": setup, "forms": out}
-    (ROOT / "benchmarks" / "coreml_ops.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (ROOT / "benchmarks" / "results" / "coreml_ops.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(table(out))
     for label, err in failed.items():
         print(f"\n{label}: failed: {err}")

@@ -1,7 +1,7 @@
 """The deformable conv per runtime (issue 14): each runtime's exact V2 against its own plain-conv control
 (the DCN overhead), against onnxruntime fp32 and PyTorch eager, all interleaved in one process at 1 thread,
 640x640; parity of every exact artifact vs PyTorch; TFLite int8 vs fp32 WIDER AP. Writes
-benchmarks/dcn.json and benchmarks/dcn.png.
+benchmarks/results/dcn.json and benchmarks/results/dcn.png.
 
     nice python benchmarks/dcn.py                        # latency (with parity), ap (~10 min on 2 cores)
     nice python benchmarks/dcn.py --only latency --runs 30
@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 ART = HERE / "artifacts" / "dcn"  # exported files (git-ignored)
-OUT = HERE / "dcn.json"
+OUT = HERE / "results" / "dcn.json"
 SIZE = (640, 640)
 
 
@@ -43,7 +43,7 @@ def _cached(path, build):
 def _onnx(form):
     """V2 as ONNX with every DCN in `form` (the exporter refuses "plain" for users; the control needs it)."""
     from ffexport.formats.onnx import export_graph, export_onnx
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
     def build(path):
         if form == "plain":
@@ -96,7 +96,7 @@ def _ncnn(form):
 
     from ffexport.formats.ncnn import NcnnRunner, export_ncnn, parse_param, _run_pnnx
     from ffexport.formats.base import ExportOptions
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
     if form != "plain":
         path = _cached(ART / "v2.ncnn.param", lambda p: export_ncnn(_model(), "v2", p, ExportOptions(input_size=SIZE)))
@@ -126,7 +126,7 @@ def _ncnn(form):
 def _torch(form):
     import torch
 
-    from models.dcn import set_dcn_form
+    from ffexport.models.dcn import set_dcn_form
 
     m = set_dcn_form(_model(), form)
     torch.set_num_threads(1)
@@ -166,7 +166,7 @@ def _input():
     import numpy as np
 
     from ffexport.images import read_image
-    from models.preprocess import prepare
+    from ffexport.models.preprocess import prepare
 
     photos = Path(os.environ.get("FFEXPORT_SHARED", HERE.parent.parent / "shared")) / "images"
     image = read_image(sorted(p for p in photos.iterdir() if p.suffix == ".jpg")[0])
@@ -280,7 +280,7 @@ def main():
         print(f"{section} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         OUT.write_text(json.dumps(res, indent=1) + "\n")
     if "latency" in res and "executorch" not in args.only:  # the executorch venv may lack matplotlib
-        plot(res, HERE / "dcn.png")
+        plot(res, HERE / "results" / "dcn.png")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ def model_flops(model, size) -> float:
     """
     import torch
 
-    from models.dcn import DeformableConv2d
+    from ffexport.models.dcn import DeformableConv2d
 
     macs = [0]
 

@@ -1,6 +1,6 @@
 """`--dcn fold` measured: WIDER FACE AP at 640x640 (366 evaluation images, calibration excluded) for the exact
 V2 and the fold at several --fold-keep, TFLite latency (1 thread, interleaved) of the fold vs the exact
-`rows` file, int8 of the folded file, and op counts (TFLite, Core ML). Writes benchmarks/fold.json.
+`rows` file, int8 of the folded file, and op counts (TFLite, Core ML). Writes benchmarks/results/fold.json.
 
     FFEXPORT_WEIGHTS_DIR=... FFEXPORT_WIDERFACE=... python benchmarks/fold.py [--only accuracy,tflite,coreml]
 """
@@ -22,7 +22,7 @@ from ffexport.bench import machine_info, time_interleaved, versions  # noqa: E40
 from ffexport.evaluate import evaluate_runner  # noqa: E402
 from ffexport.fold import fold_model  # noqa: E402
 from ffexport.weights import load_model  # noqa: E402
-from models.dcn import DeformableConv2d  # noqa: E402
+from ffexport.models.dcn import DeformableConv2d  # noqa: E402
 
 SIZE = (640, 640)
 CALIB = 64
@@ -86,7 +86,7 @@ def tflite(root, out, work):
             files[name] = work / f"fold{keep}{'_int8' if quantize else ''}.tflite"
             export_tflite(model, "v2", files[name], SIZE, quantize=quantize, calib_size=CALIB, dcn="fold")
     runners = {k: TFLiteRunner(p, threads=1) for k, p in files.items()}
-    import calibration
+    from ffexport import calibration
 
     x = calibration.load_batch(root, 1, SIZE, progress=False)  # a real image (the time does not depend on it)
     times = time_interleaved({k: (lambda r=r: r(x)) for k, r in runners.items()}, runs=30, warmup=3)
@@ -120,9 +120,9 @@ def coreml(out, work):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="accuracy,tflite,coreml")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "fold.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fold.json"))
     a = p.parse_args()
-    import calibration
+    from ffexport import calibration
 
     root = calibration.find_widerface()
     out = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}

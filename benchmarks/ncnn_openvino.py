@@ -1,5 +1,5 @@
 """ncnn and OpenVINO (issue 13): parity vs PyTorch, WIDER FACE AP (OpenVINO f32 vs int8) and latency
-interleaved against onnxruntime fp32, V2 and V1, 640x640, 1 thread. Writes benchmarks/ncnn_openvino.json.
+interleaved against onnxruntime fp32, V2 and V1, 640x640, 1 thread. Writes benchmarks/results/ncnn_openvino.json.
 
     nice python benchmarks/ncnn_openvino.py                      # everything (~15 min on 2 loaded cores)
     nice python benchmarks/ncnn_openvino.py --only parity,latency
@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 ART = HERE / "artifacts" / "ncnn_openvino"  # exported files (git-ignored)
-OUT = HERE / "ncnn_openvino.json"
+OUT = HERE / "results" / "ncnn_openvino.json"
 SIZE = (640, 640)
 PHOTOS = Path(os.environ.get("FFEXPORT_SHARED", HERE.parent.parent / "shared")) / "images"
 

@@ -1,4 +1,4 @@
-"""Peer detectors measured by ffexport's own protocol -> benchmarks/peers.json.
+"""Peer detectors measured by ffexport's own protocol -> benchmarks/results/peers.json.
 
 - WIDER FACE Easy/Medium/Hard AP on the evaluation subset `ffexport eval` scores (calibration images excluded;
   conf 0.02, NMS 0.4, official scoring), each peer at its natural/published input size and letterboxed to
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch/onnxruntime load: 
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-OUT = HERE / "peers.json"
+OUT = HERE / "results" / "peers.json"
 
 
 def _ap(r):

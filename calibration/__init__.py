@@ -5,7 +5,7 @@ WIDER FACE get the same images and so the same int8 model, and evaluation exclud
 (`calibration_keys()` / `is_calibration_image()`).
 
 Regenerate the manifest (only if the selection rule changes; it changes the int8 models and the
-evaluation subset): `python -m calibration /path/to/widerface`; tests check it matches the committed file.
+evaluation subset): `python -m ffexport.calibration /path/to/widerface`; tests check it matches the committed file.
 
 An unreadable image in the chosen selection is an error, not a skip: skipping would silently calibrate
 on a different set than another user with the same folder.
@@ -206,7 +206,7 @@ def write_manifest(root) -> list[str]:
     images = make_manifest(root)
     with atomic_output(MANIFEST) as tmp:
         tmp.write_text(json.dumps({"source": f"WIDER FACE val, {MANIFEST_PER_EVENT} images per event, seed "
-                                             f"{MANIFEST_SEED} (python -m calibration WIDERFACE_ROOT)",
+                                             f"{MANIFEST_SEED} (python -m ffexport.calibration WIDERFACE_ROOT)",
                                    "images": images}, indent=1) + "\n")
     _manifest.cache_clear(), _keys.cache_clear()
     return images
@@ -218,14 +218,14 @@ def load_batch(root, n, size, seed=MANIFEST_SEED, progress=True) -> np.ndarray:
     """(n, 3, H, W) float32, preprocessed exactly as inference (letterbox to size=(H, W), minus mean); cached."""
     from tqdm import tqdm
 
-    import models.preprocess
-    from models.preprocess import prepare
+    from ffexport.models import preprocess as _models_preprocess
+    from ffexport.models.preprocess import prepare
     from ffexport.images import read_image
 
     files = select(root, n, seed)
     size = tuple(int(s) for s in size)
     # The preprocessing source is part of the key: a change to prepare() must not serve stale tensors.
-    recipe = [size, hashlib.sha256(Path(models.preprocess.__file__).read_bytes()).hexdigest(),
+    recipe = [size, hashlib.sha256(Path(_models_preprocess.__file__).read_bytes()).hexdigest(),
               [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:20]
     cached = cache_dir("calib") / f"{key}.npy"

@@ -1,4 +1,4 @@
-"""Regenerate manifest.json from a WIDER FACE folder: python -m calibration WIDERFACE_ROOT"""
+"""Regenerate manifest.json from a WIDER FACE folder: python -m ffexport.calibration WIDERFACE_ROOT"""
 import sys
 
 from . import MANIFEST, write_manifest

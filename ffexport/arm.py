@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arm_job import ONNXRUNTIME as BASE, ArmRuntime
 from .cache import cache_dir
 from .errors import FFExportError
 
@@ -57,21 +58,6 @@ CPUS = {  # name: (variant, part, revision, features)
 }
 
 
-@dataclass(frozen=True)
-class Runtime:
-    name: str       # arm_runner.py --runtime
-    dist: str       # its pip distribution, installed at this machine's version
-    deps: bool      # the sysroot needs its pip dependencies too (ncnn's are for its model zoo only)
-    fix: str        # how to install it here
-
-
-RUNTIMES = {
-    "onnxruntime": Runtime("onnxruntime", "onnxruntime", True, "pip install onnxruntime"),
-    "ncnn": Runtime("ncnn", "ncnn", False, "pip install 'ffexport[ncnn]'"),
-}
-BASE = "onnxruntime"  # the emulation sysroot always holds it; other runtimes are layers on top
-
-
 @dataclass
 class ArmResult:
     outputs: dict  # name -> np.ndarray, from the first run, in the model's output order
@@ -79,27 +65,6 @@ class ArmResult:
     mode: str  # "native" | "ssh" | "emulated"
     label: str  # how to read the numbers, e.g. "emulated (qemu cortex-a76) — not a device measurement"
     peak_rss_mb: float | None  # runner's peak RSS on the target (under qemu: includes the emulator)
-
-
-@dataclass
-class _Job:
-    """What the runner gets: the files that travel, and its arguments given where those files are."""
-    runtime: Runtime
-    model: Path
-    files: list  # model first
-    weights: Path | None = None  # ncnn's .bin
-    outputs: list | None = None  # ncnn's output blobs
-    off: tuple = ()  # ncnn options switched off
-
-    def args(self, where, threads, runs, warmup):
-        """Runner options after MODEL INPUTS OUT_DIR; `where(path)` is how the target names one of `files`."""
-        args = ["--runtime", self.runtime.name, "--threads", str(threads), "--runs", str(runs),
-                "--warmup", str(warmup)]
-        if self.weights:
-            args += ["--weights", where(self.weights), "--outputs", ",".join(self.outputs)]
-        if self.off:
-            args += ["--off", ",".join(self.off)]
-        return args
 
 
 def run_arm(model_path, inputs: dict, *, runtime="onnxruntime", threads=1, runs=0, warmup=0,
@@ -110,17 +75,17 @@ def run_arm(model_path, inputs: dict, *, runtime="onnxruntime", threads=1, runs=
     its one input blob or anything else for it. `progress` receives one-line status messages (default:
     printed to stderr).
     """
-    if runtime not in RUNTIMES:
-        raise FFExportError(f"no ARM runner for {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-    rt = RUNTIMES[runtime]
+    from . import formats
+
+    arm_formats = {f.bench_name: f for f in formats.FORMATS if f.arm}
+    if runtime not in arm_formats:
+        raise FFExportError(f"no ARM runner for {runtime!r}: choose one of {', '.join(arm_formats)}")
     if threads < 1 or runs < 0 or warmup < 0:
         raise FFExportError(f"threads={threads}, runs={runs}, warmup={warmup} is invalid: "
                             "use threads >= 1 and runs, warmup >= 0")
     model_path, inputs = Path(model_path), {k: np.asarray(v) for k, v in inputs.items()}
-    if runtime == "ncnn":
-        job, inputs = _ncnn_job(model_path, inputs)
-    else:
-        job = _onnx_job(model_path)
+    job, inputs = arm_formats[runtime].arm(model_path, inputs)  # the format knows its files and options
+    rt = job.runtime
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     with tempfile.TemporaryDirectory(prefix="ffexport-arm-") as tmp:
@@ -148,39 +113,6 @@ def run_onnx_arm(model_path, inputs: dict, **kwargs) -> ArmResult:
     return run_arm(model_path, inputs, runtime="onnxruntime", **kwargs)
 
 
-def _onnx_job(model):
-    if not model.is_file():
-        raise FFExportError(f"ONNX model {model} not found: export it first or fix the path")
-    return _Job(RUNTIMES["onnxruntime"], model, [model])
-
-
-def _ncnn_job(param, inputs):
-    """The ncnn job, and `inputs` keyed by the .param's input blobs."""
-    from .formats.ncnn import FP16_OPTIONS, files, parse_param
-
-    _, weights, sidecar = files(param)
-    if not param.is_file() or not weights.is_file():
-        raise FFExportError(f"ncnn model {param} or its weights {weights.name} not found: pass the X.ncnn.param "
-                            "written by 'ffexport ncnn', with X.ncnn.bin beside it")
-    try:
-        info = parse_param(param)
-    except (OSError, ValueError, IndexError):
-        raise FFExportError(f"{param} is not an ncnn .param file: pass the X.ncnn.param written by "
-                            "'ffexport ncnn'") from None
-    if set(inputs) != set(info["inputs"]):
-        if len(inputs) != 1 or len(info["inputs"]) != 1:
-            raise FFExportError(f"{param} takes the input blobs {', '.join(info['inputs'])}, given "
-                                f"{', '.join(inputs)}: name the inputs by the .param's blobs")
-        inputs = {info["inputs"][0]: next(iter(inputs.values()))}
-    try:
-        precision = json.loads(sidecar.read_text()).get("precision", "fp32")
-    except (OSError, ValueError):
-        precision = "fp32"  # no sidecar: the strictest reading, full precision
-    return _Job(RUNTIMES["ncnn"], param, [param, weights] + ([sidecar] if sidecar.is_file() else []),
-                weights=weights, outputs=info["outputs"], off=FP16_OPTIONS if precision == "fp32" else ()), inputs
-
-
-# Same layout as arm_runner.save/load: names in arr_0, tensors after.
 def _save(path, named):
     names = list(named)
     np.savez(path, np.array(names, dtype=str), *[named[n] for n in names])
@@ -275,7 +207,7 @@ def _run_emulated(rt, tmp, args, cpu, say):
         raise FFExportError("qemu-aarch64-static not found (needed to emulate an arm64 board on this "
                             "x86 host): apt-get install qemu-user-static, or pass --remote user@board")
     root = _sysroot(qemu, say)
-    site = [] if rt.name == BASE else [_layer(root, rt, qemu, say)]
+    site = [] if rt == BASE else [_layer(root, rt, qemu, say)]
     prefix = _cpu_prefix(root, cpu)
     cmd = [qemu, "-cpu", cpu, "-L", str(prefix), str(prefix / "usr/bin/python3"), str(RUNNER)] + args
     _check(subprocess.run(cmd, env=_guest_env(site), stderr=subprocess.PIPE, text=True), f"emulated {cpu}", rt)
@@ -290,7 +222,7 @@ def _guest_env(site=()):
 def _sysroot(qemu, say) -> Path:
     """The cached arm64 userland (root/ holds /usr, /lib, ... and /opt/ffexport/site with numpy and
     onnxruntime); built once per onnxruntime version."""
-    ort_version = _version(RUNTIMES[BASE])
+    ort_version = _version(BASE)
     base = cache_dir("arm")
     final = base / f"sysroot-v1-ort{ort_version}"
     if (final / "ok").exists():
@@ -316,7 +248,7 @@ def _sysroot(qemu, say) -> Path:
     return final
 
 
-def _layer(sysroot: Path, rt: Runtime, qemu, say) -> str:
+def _layer(sysroot: Path, rt: ArmRuntime, qemu, say) -> str:
     """The guest path of `rt`'s site dir in the sysroot, /opt/ffexport/<name>-<version>; added once.
 
     A layer per runtime version beside the base site: adding ncnn (or upgrading it) never rebuilds the

@@ -12,9 +12,8 @@ from importlib import metadata
 
 import numpy as np
 
-from models import MODELS
-
-CLAIM = "V2 is 2x faster than V1 on mobile"
+# The result tables are pure JSON -> text (benchmarks/run.py --render needs no torch): ffexport/benchtable.py.
+from .benchtable import CLAIM, is_device_timing, ratios, table, verdict  # noqa: F401
 
 
 def machine_info() -> dict:
@@ -38,9 +37,9 @@ def versions() -> dict:
 
     # The code's own version, not the installed metadata's (stale in an editable install).
     out = {"ffexport": __version__}
-    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "tflite-runtime",
-                "litert-torch", "onnx2tf", "tensorflow", "coremltools", "executorch", "openvino", "nncf", "ncnn",
-                "pnnx", "opencv-python-headless"):
+    from . import formats
+
+    for pkg in dict.fromkeys(p for f in formats.FORMATS for p in ("numpy", *f.packages)):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -122,7 +121,7 @@ def worker(job: dict) -> list[dict]:
     rss = _peak_rss_mb()
     for m, (_, runner, _) in runners.items():
         size_str = "x".join(map(str, runner.input_size)) if target.peer else None
-        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": runs, "device": "local",
+        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": runs, "device": getattr(runner, "device", "local"),
                      "note": (f"peer detector at its own input {size_str}" if target.peer else
                               "interleaved with the other model in one process; RSS covers both")})
     return rows
@@ -188,72 +187,6 @@ def bench(targets, models, sizes, threads, runs=100, warmup=10, remote=None, pro
     return {"machine": machine_info(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
-def is_device_timing(row) -> bool:
-    """A timing that says something about a device: measured here or on a real board, never under emulation."""
-    return row.get("status") == "ok" and row.get("device", "local") != "emulated"
-
-
-def ratios(result) -> list[dict]:
-    """V2/V1 median latency ratio per (target, size, threads) where both ran."""
-    ok = {(r["target"], r["input_size"], r["threads"], r["model"]): r for r in result["rows"] if is_device_timing(r)}
-    out = []
-    for (t, s, th, m), r in ok.items():
-        if m == "v2" and (t, s, th, "v1") in ok:
-            out.append({"target": t, "input_size": s, "threads": th,
-                        "ratio": round(r["median_ms"] / ok[(t, s, th, "v1")]["median_ms"], 3)})
-    return out
-
-
-def verdict(result) -> str:
-    rs = [r["ratio"] for r in ratios(result)]
-    emulated = [r for r in result["rows"] if r.get("status") == "ok" and r.get("device") == "emulated"]
-    if not rs and emulated:
-        worst = max(r.get("max_abs_vs_x86", float("nan")) for r in emulated)
-        return (f'Claim "{CLAIM}": not measured — only emulated timings ran (qemu), and an emulator says nothing '
-                f"about device speed. What the emulated run did check: the ARM build's outputs equal this "
-                f"machine's (max abs difference {worst:.2g}). Time on a device: --remote user@host, or an ARM host.")
-    if not rs:
-        return f'Claim "{CLAIM}": not measured (no target ran both models).'
-    lo, hi, med = min(rs), max(rs), float(np.median(rs))
-    speedup = 1 / med
-    if med <= 0.55:
-        word = "SUPPORTED"
-    else:
-        word = "NOT SUPPORTED"
-    return (f'Claim "{CLAIM}": {word}. Measured V2/V1 latency ratio {lo:.2f}-{hi:.2f} over {len(rs)} '
-            f"target/size/thread combinations (median {med:.2f}, i.e. V2 is {speedup:.2f}x the speed of V1). "
-            f"V2 adds three coordinate-attention blocks (+0.03% FLOPs) to V1, so no speed-up is expected."
-            + (f" {len(emulated) // 2} emulated row(s) left out (not device timings)." if emulated else ""))
-
-
-def table(result) -> str:
-    lines = ["| target | input | threads | V1 median ms | V2 median ms | V2/V1 | p90 V1/V2 | min V1/V2 | peak RSS MB | status / note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    groups = {}
-    for r in result["rows"]:
-        groups.setdefault((r["target"], r["input_size"], r["threads"]), {})[r["model"]] = r
-    ratio = {(r["target"], r["input_size"], r["threads"]): r["ratio"] for r in ratios(result)}
-    for key, by_model in groups.items():
-        t, s, th = key
-        any_row = next(iter(by_model.values()))
-        if any_row["status"] != "ok":
-            lines.append(f"| {t} | {s} | {th} | | | | | | | {any_row['status']}: {any_row['note']} |")
-            continue
-        peer = next((m for m in by_model if m not in MODELS), None)
-        if peer:
-            b = by_model[peer]
-            lines.append(f"| {t} (peer) | {b['note'].split()[-1]} | {th} | {b['median_ms']:.2f} ({peer}) | | | "
-                         f"{b['p90_ms']:.2f} | {b['min_ms']:.2f} | {b['peak_rss_mb']} | reference detector |")
-            continue
-        v1, v2 = by_model.get("v1", {}), by_model.get("v2", {})
-        fmt = lambda r, k: f"{r[k]:.1f}" if r.get("status") == "ok" else "-"
-        lines.append(f"| {t} | {s} | {th} | {fmt(v1, 'median_ms')} | {fmt(v2, 'median_ms')} | "
-                     f"{ratio.get(key, '-')} | {fmt(v1, 'p90_ms')}/{fmt(v2, 'p90_ms')} | "
-                     f"{fmt(v1, 'min_ms')}/{fmt(v2, 'min_ms')} | {v2.get('peak_rss_mb', '-')} | "
-                     f"{_row_note(v2)} |")
-    return "\n".join(lines)
-
-
 def plot(result, out):
     import matplotlib
 
@@ -283,12 +216,6 @@ def plot(result, out):
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def _row_note(r) -> str:
-    if r.get("device") in ("emulated", "ssh", "native"):
-        return f"{r.get('note', '')}; max abs vs x86 {r.get('max_abs_vs_x86', float('nan')):.2g}"
-    return "ok"
 
 
 if __name__ == "__main__":

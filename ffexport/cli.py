@@ -97,7 +97,7 @@ def write_json(path, obj):
 
 
 def _model_names():
-    from models import MODELS
+    from ffexport.models import MODELS
 
     return list(MODELS)
 
@@ -108,7 +108,7 @@ def model_option(fn):
 
 
 weights_option = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                              help="Checkpoint path (default: the published one, see README).")
+                              help="Checkpoint path (default: the published one, see docs/formats.md).")
 size_option = click.option("--input-size", default="640x640", show_default=True, help="HxW, multiples of 32.")
 conf_option = click.option("--conf", type=Finite(0, 1), default=0.5, show_default=True, help="Score threshold.")
 nms_option = click.option("--nms", type=Finite(0, 1), default=0.4, show_default=True, help="NMS IoU threshold.")
@@ -190,7 +190,9 @@ def detect(ctx, image, model, weights, artifact, runtime, conf, nms, json_out, d
     img = read_image(image)
     runner = load_runner(artifact, model, weights, runtime=runtime)
     dets = run_image(runner, img, conf, nms)
-    result = detections_json(image, runner.model or model, dets, {"runtime": runner.kind})
+    applied = _applied_thresholds(runner, conf, nms, explicit=_explicit(ctx, "conf", "nms"))
+    result = detections_json(image, runner.model or model, dets,
+                             {"runtime": runner.kind, "conf": applied["conf"], "nms": applied["iou"]})
     if json_out:
         write_json(json_out, result)
     if draw_out:
@@ -202,9 +204,24 @@ def detect(ctx, image, model, weights, artifact, runtime, conf, nms, json_out, d
         with atomic_output(draw_out) as tmp:
             if not cv2.imwrite(str(tmp), draw(img, dets)):
                 raise FFExportError(f"cannot write {draw_out}: use a .png or .jpg path")
-    click.echo(f"{len(dets)} faces in {image} ({runner.describe()}, conf {conf}, nms {nms})", err=True)
+    click.echo(f"{len(dets)} faces in {image} ({runner.describe()}, conf {applied['conf']:g}, "
+               f"nms {applied['iou']:g})", err=True)
     if not (json_out or draw_out):
         click.echo(json.dumps(result))
+
+
+def _applied_thresholds(runner, conf, iou, explicit=()) -> dict:
+    """The thresholds `runner` applies for the asked conf/iou, with a warning for each asked value an --nms
+    file cannot honour (its thresholds are baked), so no printed value is one that was not applied."""
+    from .e2e import reexport_hint, threshold_gaps
+
+    applied = runner.applied or runner.configure(conf, iou)
+    asked = {"conf": conf if "conf" in explicit else None, "iou": iou if "nms" in explicit else None}
+    gaps = threshold_gaps(asked, applied)
+    if gaps:
+        click.echo(f"warning: {Path(str(runner.path)).name}: {'; '.join(gaps)}: "
+                   f"{reexport_hint(runner, conf=asked['conf'], iou=asked['iou'])}", err=True)
+    return applied
 
 
 def _default_images(limit):
@@ -227,9 +244,10 @@ def _default_images(limit):
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON.")
 @conf_option
 @user_errors
-def parity(artifact, images, limit, runtime, weights, json_out, conf):
+@click.pass_context
+def parity(ctx, artifact, images, limit, runtime, weights, json_out, conf):
     """Compare ARTIFACT with the PyTorch model on real images (exit 1 if beyond tolerance)."""
-    from models import MODELS
+    from ffexport.models import MODELS
 
     from .exporter import check_writable
     from .formats.pytorch import TorchRunner
@@ -245,6 +263,8 @@ def parity(artifact, images, limit, runtime, weights, json_out, conf):
         raise FFExportError(f"{artifact} carries no ffexport model metadata: re-export it with ffexport")
     files = _default_images(limit) if images is None else spread(list_images(images), limit)
     ref = TorchRunner(load_model(runner.model, weights), runner.model)
+    runner.configure(conf, 0.4)
+    _applied_thresholds(runner, conf, 0.4, explicit=_explicit(ctx, "conf"))
     report = compare(ref, runner, files, conf=conf, precision=tolerance_class(runner))
     click.echo(report.summary())
     if json_out:
@@ -262,16 +282,24 @@ def parity(artifact, images, limit, runtime, weights, json_out, conf):
               help="WIDER FACE root (WIDER_val/images + ground_truth/*.mat); default $FFEXPORT_WIDERFACE.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate at most N images (stratified), for a quick look.")
-@click.option("--exclude-calibration/--all-images", "exclude", default=None,
-              help="Leave out the calibration-manifest images (default: only when the artifact was calibrated "
-                   "on them).")
+@click.option("--exclude-calibration/--all-images", "exclude", default=True, show_default=True,
+              help="Leave out the calibration-manifest images, for every artifact: fp32, int8 and fold are scored "
+                   "on the same images (an int8/fold file is never scored on images it was fitted to).")
+@click.option("--baked-thresholds", "baked_ok", is_flag=True,
+              help="Score a static --nms file at the thresholds baked into it even when they are not the "
+                   "protocol's (conf 0.02, NMS 0.4); the result is labelled as not comparable.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--preds-dir", type=click.Path(), default=None, help="Also write per-image WIDER FACE txt predictions.")
 @click.option("--dcn", type=click.Choice(["grid", "plain"]), default="grid", show_default=True,
               help="PyTorch model only: 'plain' measures the AP cost of dropping the deformable offsets.")
+@click.option("--input-size", default=None,
+              help="HxW to letterbox to, or 'original' (each image at its own size): the PyTorch model and "
+                   "--dynamic artifacts take any; a fixed-size artifact only its own (default: the artifact's "
+                   "size; PyTorch: original).")
 @user_errors
 @click.pass_context
-def eval_(ctx, artifact, model, weights, runtime, widerface, limit, exclude, json_out, preds_dir, dcn):
+def eval_(ctx, artifact, model, weights, runtime, widerface, limit, exclude, baked_ok, json_out, preds_dir, dcn,
+          input_size):
     """WIDER FACE Easy/Medium/Hard AP (official protocol) of ARTIFACT, or of the PyTorch model."""
     from .evaluate import calibrated_on_manifest, evaluate_runner, format_result
     from .exporter import check_writable
@@ -290,9 +318,18 @@ def eval_(ctx, artifact, model, weights, runtime, widerface, limit, exclude, jso
     if preds_dir and Path(preds_dir).exists() and not Path(preds_dir).is_dir():
         raise FFExportError(f"--preds-dir {preds_dir} is a file, not a folder: choose a folder path")
     runner = load_runner(artifact, model, weights, dcn=dcn, runtime=runtime)
-    if exclude is None:
-        exclude = calibrated_on_manifest(runner)
-    result = evaluate_runner(runner, root, limit, preds_dir, exclude_calibration=exclude)
+    if input_size is not None:
+        from .sweep import at_size, parse_sizes
+
+        sizes = parse_sizes(input_size)
+        if len(sizes) != 1:
+            raise FFExportError(f"--input-size {input_size}: eval takes one size (sweep sizes with "
+                                f"'ffexport report --input-size A,B,...')")
+        at_size(runner, sizes[0])
+    if not exclude and calibrated_on_manifest(runner):
+        click.echo(f"warning: {Path(artifact).name} was calibrated on the calibration-manifest images that "
+                   f"--all-images includes: its AP is optimistic, not comparable with an fp32 row", err=True)
+    result = evaluate_runner(runner, root, limit, preds_dir, exclude_calibration=exclude, baked_ok=baked_ok)
     result["dcn"] = dcn if artifact is None else "as exported"
     click.echo(format_result(result))
     if json_out:
@@ -310,7 +347,7 @@ def _split(value, parse=str, what="value", option=""):
 
 @cli.command()
 @click.option("--target", "targets", default="torch,onnxruntime,onnxruntime-int8", show_default=True,
-              help="Comma-separated targets (see README), or 'all'.")
+              help="Comma-separated targets (`ffexport info targets` lists them), or 'all'.")
 @click.option("--model", "models", default="v1,v2", show_default=True)
 @click.option("--input-size", "sizes", default="640x640", show_default=True, help="Comma-separated HxW.")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts.")
@@ -322,7 +359,7 @@ def _split(value, parse=str, what="value", option=""):
 @user_errors
 def bench(targets, models, sizes, threads, runs, warmup, remote, json_out, plot_out):
     """Latency per target, V1 and V2 interleaved, with the V2/V1 ratio and a verdict on the '2x' claim."""
-    from models import MODELS
+    from ffexport.models import MODELS
 
     from . import bench as B
     from .exporter import check_writable
@@ -364,7 +401,9 @@ def bench(targets, models, sizes, threads, runs, warmup, remote, json_out, plot_
 @click.option("--model", "models", default="v1,v2", show_default=True)
 @click.option("--format", "targets", default="torch,onnxruntime,onnxruntime-int8,tflite,tflite-int8",
               show_default=True, help="Comma-separated bench targets (ffexport info targets), or 'all'.")
-@click.option("--input-size", default="640x640", show_default=True)
+@click.option("--input-size", default="640x640", show_default=True,
+              help="HxW, or a comma-separated list (and/or 'original') for the size sweep: AP and latency per "
+                   "artifact per size, sizes.json/md/png (docs/input-size.md).")
 @click.option("--images", type=click.IntRange(min=1), default=None,
               help="WIDER FACE evaluation images per row (default: all, calibration images excluded).")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
@@ -374,11 +413,35 @@ def bench(targets, models, sizes, threads, runs, warmup, remote, json_out, plot_
                                               "artifact falls below it.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("-o", "--output", "out_dir", default="report", show_default=True, help="Output folder.")
+@click.option("--latency-budget", type=Finite(0), default=None,
+              help="Size sweep: per target, name the size with the best Hard AP within MS (this host's latency).")
+@click.option("--ray", "ray_address", default=None, help="Size sweep: run its tasks on the Ray cluster at ADDRESS "
+                                                          "(or 'auto').")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Size sweep: run its tasks in N local worker processes (default 1: this process).")
+@click.option("--sweep-cache", type=click.Path(file_okay=False), default=None,
+              help="Size sweep: results cache folder (default: the user cache); an interrupted sweep resumes.")
 @user_errors
-def report(models, targets, input_size, images, threads, peers, min_ap, runs, out_dir):
+@click.pass_context
+def report(ctx, models, targets, input_size, images, threads, peers, min_ap, runs, out_dir, latency_budget,
+           ray_address, workers, sweep_cache):
     """Every artifact's status, size, parity, WIDER AP and latency, with peer detectors, in one table."""
     from .images import parse_size
     from .report import run_report
+
+    if "," in input_size or "original" in input_size.lower() or any(
+            v is not None for v in (latency_budget, ray_address, workers, sweep_cache)):
+        from .sweep import run_sweep
+
+        ignored = _explicit(ctx, "peers", "min_ap", "threads")
+        if ignored:
+            raise FFExportError(f"{', '.join('--' + n.replace('_', '-') for n in ignored)} apply to the one-size "
+                                f"report, not the size sweep (FeatherFace only, 1 thread): drop them")
+        run_sweep(_split(models), "all" if targets == "all" else _split(targets), input_size, images,
+                  latency_budget, workers or 1, ray_address, out_dir, runs=runs, cache=sweep_cache,
+                  progress=lambda m: click.echo(m, err=True))
+        click.echo(Path(out_dir, "sizes.md").read_text())
+        return
 
     floor = None
     if min_ap:
@@ -426,12 +489,12 @@ def _export_command(fmt):
         click.Option(["--model"], type=click.Choice(_model_names()), default="v2", show_default=True,
                      help="FeatherFace variant."),
         click.Option(["--weights"], type=click.Path(dir_okay=False), default=None,
-                     help="Checkpoint path (default: the published one, see README)."),
+                     help="Checkpoint path (default: the published one, see docs/formats.md)."),
         click.Option(["--input-size"], default="640x640", show_default=True, help="HxW, multiples of 32."),
     ]
     if len(fmt.dcn_forms) > 1:
         params.append(click.Option(["--dcn"], type=click.Choice(list(fmt.dcn_forms)), default=fmt.default_dcn,
-                                   show_default=True, help="Deformable-conv form (README: DCN forms)."))
+                                   show_default=True, help="Deformable-conv form (docs/dcn-forms.md)."))
     if len(fmt.precisions) > 1:
         params.append(click.Option(["--precision"], type=click.Choice(list(fmt.precisions)),
                                    default=fmt.precisions[0], show_default=True, help="Compute precision."))
@@ -446,12 +509,12 @@ def _export_command(fmt):
     if "fold" in fmt.dcn_forms:
         params.append(click.Option(["--fold-keep"], type=click.IntRange(0, 15), default=None,
                                    help="--dcn fold: keep this many of the most sensitive DCNs exact "
-                                        "(default: measured, see README)."))
+                                        "(default: measured, see docs/dcn-forms.md)."))
     if src.dynamic:
         params.append(click.Option(["--dynamic"], is_flag=True, help="Dynamic batch/H/W (any multiple of 32)."))
     if src.nms:
         params += [click.Option(["--nms"], is_flag=True, help="Decoding, score threshold and NMS in the graph: "
-                                                              "outputs boxes/scores/landmarks (README)."),
+                                                              "outputs boxes/scores/landmarks (docs/artifact-contract.md)."),
                    click.Option(["--conf"], type=Finite(0, 1), default=0.5, show_default=True,
                                 help="--nms score threshold."),
                    click.Option(["--iou"], type=Finite(0, 1), default=0.4, show_default=True,
@@ -481,6 +544,9 @@ def _export_command(fmt):
         if kw.get("dcn") != "fold" and kw.get("fold_keep") is not None:
             raise FFExportError("--fold-keep applies to --dcn fold only: add --dcn fold or drop --fold-keep")
         nms = NmsOptions(kw["conf"], kw["iou"], kw["max_det"]) if kw.get("nms") else None
+        if nms and nms.conf >= 1:  # scores are at most 1 and kept strictly above --conf
+            raise FFExportError(f"--conf {nms.conf:g} keeps no face (scores are at most 1, kept when above "
+                                f"--conf): choose a value below 1, e.g. 0.5")
         opts = ExportOptions(input_size=parse_size(input_size), dynamic=kw.get("dynamic", False),
                              precision=kw.get("precision"), quantize=kw.get("quantize"), dcn=kw.get("dcn"),
                              calib=kw.get("calib"), calib_size=kw.get("calib_size", 100),

@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from models.postprocess import Detections
+from ffexport.models.postprocess import Detections
 
 
 def draw(img: np.ndarray, dets: Detections) -> np.ndarray:

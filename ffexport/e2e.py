@@ -7,8 +7,8 @@ Two layouts, one meaning (detections in input-tensor pixels, rows by descending 
 """
 import numpy as np
 
-from models.postprocess import Detections
-from models.preprocess import MEAN_BGR
+from ffexport.models.postprocess import Detections
+from ffexport.models.preprocess import MEAN_BGR
 
 E2E_OUTPUTS = ("boxes", "scores", "landmarks", "count")
 
@@ -90,52 +90,17 @@ def to_detections(boxes, scores, landmarks, scale=1.0) -> Detections:
                       np.asarray(landmarks, np.float32) / scale)
 
 
-_TFLITE_NMS_REGISTERED = []
-
-
-def register_tflite_nms():
-    """Teach litert-torch to lower `featherface::nms_padded` (models.e2e, EndToEnd(nms_op=True)) to TFLite's
-    builtin NON_MAX_SUPPRESSION_V5. litert-torch has no NMS lowering of its own; its lowering registry
-    takes one for any torch op, and a StableHLO custom call named after a tfl op becomes that op.
-    Call before litert_torch.convert; idempotent."""
-    if _TFLITE_NMS_REGISTERED:
-        return
-    import models.e2e  # noqa: F401  (defines the op)
-    import torch
-    from litert_torch.backend.experimental.torch_tfl._lowerings import _ir_operation
-    from litert_torch.backend.lowerings import registry
-    from litert_torch.backend.lowerings import utils as lowering_utils
-
-    @registry.lower(torch.ops.featherface.nms_padded.default)
-    def _lower(lctx, boxes, scores, max_out, iou, score):
-        def const(v, dtype):
-            return lowering_utils.numpy_array_constant(np.array(v, dtype=dtype))
-
-        # Operands: boxes, scores, max_output_size, iou_threshold, score_threshold, soft_nms_sigma (0: hard).
-        # The op reads boxes as [y1, x1, y2, x2]; x1, y1, x2, y2 gives the same IoU (axes swapped).
-        return _ir_operation("tfl.non_max_suppression_v5", results=lowering_utils.node_meta_to_ir_types(lctx.node),
-                             operands=[boxes, scores, const(max_out, np.int32), const(iou, np.float32),
-                                       const(score, np.float32), const(0.0, np.float32)])
-
-    _TFLITE_NMS_REGISTERED.append(True)
-
-
 def for_export(model, opts, nms_op=False):
     """(module, sample input, metadata) for a torch-traced format: the model itself, or with --nms the
-    model wrapped with decoding + NMS (models.e2e.EndToEnd; `nms_op` for TFLite's builtin NMS)."""
+    model wrapped with decoding + NMS (models.e2e.EndToEnd; `nms_op`: the custom op a format lowers to its
+    builtin NMS, e.g. ffexport.formats.tflite.nms)."""
     import torch
 
-    from .errors import FFExportError
-
     h, w = opts.input_size
-    if not opts.nms:
-        if opts.image_input:
-            raise FFExportError("--image-input comes with --nms for this format: add --nms (ONNX also takes it alone)")
+    if not opts.nms:  # --image-input without --nms: refused up front (formats.base.image_input_needs_nms)
         return model, torch.zeros(1, 3, h, w), {}
-    from models.e2e import EndToEnd
+    from ffexport.models.e2e import EndToEnd
 
-    if nms_op:
-        register_tflite_nms()
     net = EndToEnd(model, (h, w), opts.nms.conf, opts.nms.iou, opts.nms.max_det, opts.image_input, nms_op=nms_op)
     net.checkpoint_sha256 = getattr(model, "checkpoint_sha256", "unknown")
     x = torch.zeros(1, h, w, 3, dtype=torch.uint8) if opts.image_input else torch.zeros(1, 3, h, w)
@@ -145,3 +110,53 @@ def for_export(model, opts, nms_op=False):
 def runner_io(meta: dict):
     """(end_to_end, image_input) of an artifact, from its metadata."""
     return meta.get("nms") == "in-graph", str(meta.get("input_format", "")).startswith("uint8")
+
+
+# ---- which thresholds an end-to-end runner can honour (the one place that decides it) ----
+
+THRESHOLDS = ("conf", "iou", "max_det")
+
+
+def baked_thresholds(meta: dict) -> dict:
+    """conf / iou / max_det an --nms file was exported with (its metadata), as numbers."""
+    def num(key, kind):
+        try:
+            return kind(float(meta[key]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    return {"conf": num("conf_threshold", float), "iou": num("iou_threshold", float), "max_det": num("max_det", int)}
+
+
+def static_thresholds(runner, conf=None, iou=None, max_det=None) -> dict:
+    """The thresholds that apply when `runner` is asked for conf/iou/max_det (None: not asked).
+
+    Raw outputs are decoded on the host, which applies what was asked. A static end-to-end file (TFLite,
+    ExecuTorch, TorchScript, Core ML) ran NMS in its graph at the baked iou and max_det; its scores are
+    already cut at the baked conf, and decode() can only cut higher: conf applied = max(asked, baked).
+    That is exact, not an approximation: greedy NMS never lets a box below a cut suppress one above it."""
+    asked = {"conf": conf, "iou": iou, "max_det": max_det}
+    if not runner.end_to_end:
+        return asked
+    baked = baked_thresholds(runner.meta or {})
+    applied = {k: asked[k] if baked[k] is None else baked[k] for k in THRESHOLDS}  # no metadata: as asked
+    if conf is not None and baked["conf"] is not None:
+        applied["conf"] = max(conf, baked["conf"])
+    return applied
+
+
+def threshold_gaps(asked: dict, applied: dict) -> list[str]:
+    """What was asked but could not be applied, one phrase each ("conf 0.3 asked, the file's 0.5 applies")."""
+    gaps = []
+    for k in THRESHOLDS:
+        a, got = asked.get(k), applied.get(k)
+        if a is not None and got is not None and abs(float(a) - float(got)) > 1e-6:
+            gaps.append(f"{k} {a:g} asked, the file's in-graph {got:g} applies")
+    return gaps
+
+
+def reexport_hint(runner, **want) -> str:
+    """How to get a file that honours `want` (e.g. conf=0.02): thresholds are baked at export."""
+    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in want.items() if v is not None)
+    return (f"re-export with 'ffexport {runner.kind} --nms {flags}' (its thresholds are baked at export), or use "
+            f"'ffexport onnx --nms', whose thresholds are run-time inputs")

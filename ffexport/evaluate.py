@@ -1,14 +1,16 @@
 """WIDER FACE evaluation of any runner: predictions over the evaluation images, then the official protocol.
 
-Calibration images (calibration/manifest.json) are excluded when the artifact was calibrated on them
-(int8, fold), so a model is never scored on the images it was fitted to; `exclude_calibration=True` scores
-every precision on the same images (what the recorded tables do), False the full val set.
+Calibration images (calibration/manifest.json) are excluded by default for every artifact, so the same
+command line scores the same images whatever the precision, and a calibrated artifact (int8, fold) is never
+scored on the images it was fitted to; `exclude_calibration=False` scores the full val set.
 """
 import numpy as np
 
-from models.preprocess import prepare
+from ffexport.models.preprocess import prepare
 
+from .errors import FFExportError
 from .images import read_image, spread
+from .log import log
 from .runtime import Runner, decode
 
 EVAL_CONF, EVAL_NMS = 0.02, 0.4
@@ -17,7 +19,7 @@ EVAL_KEEP_TOP_K = 750  # models.postprocess.detect's keep_top_k
 
 def evaluation_keys(root, limit=None, exclude_calibration=True) -> list[tuple[str, object]]:
     """(key, path) of the WIDER FACE val images present under root (minus the calibration images)."""
-    import calibration
+    from ffexport import calibration
 
     from .widerface import find_val_images
 
@@ -47,9 +49,35 @@ def predict(runner: Runner, items, conf=EVAL_CONF, nms=EVAL_NMS, progress=True) 
     return preds
 
 
-def evaluate_runner(runner: Runner, root, limit=None, preds_dir=None, progress=True, exclude_calibration=True) -> dict:
+def protocol_thresholds(runner: Runner, baked_ok=False) -> tuple[dict, list[str]]:
+    """(thresholds that apply, how they deviate from the protocol's). A static --nms file cannot score
+    at conf 0.02 / NMS 0.4 unless exported so: its AP would be understated (fewer low-score detections)
+    or overstated, so it is refused unless `baked_ok` (then labelled). A max_det below the protocol's
+    top-k only caps the crowd images: a warning."""
+    from .e2e import reexport_hint, threshold_gaps
+
+    applied = runner.configure(EVAL_CONF, EVAL_NMS, EVAL_KEEP_TOP_K)
+    hard = threshold_gaps({"conf": EVAL_CONF, "iou": EVAL_NMS}, applied)
+    capped = applied.get("max_det") is not None and applied["max_det"] < EVAL_KEEP_TOP_K
+    name = getattr(runner.path, "name", runner.kind)
+    if hard and not baked_ok:
+        raise FFExportError(f"{name} cannot be scored by the WIDER FACE protocol (conf {EVAL_CONF:g}, NMS "
+                            f"{EVAL_NMS:g}): {'; '.join(hard)}: "
+                            f"{reexport_hint(runner, conf=EVAL_CONF, iou=EVAL_NMS, max_det=EVAL_KEEP_TOP_K)}; "
+                            f"or pass --baked-thresholds to score it as it is (labelled, not comparable)")
+    deviations = list(hard)
+    if capped:
+        deviations.append(f"at most {applied['max_det']} faces per image (protocol: {EVAL_KEEP_TOP_K})")
+        log(f"warning: {name} keeps at most {applied['max_det']} faces per image, the protocol {EVAL_KEEP_TOP_K}: "
+            f"crowd images lose detections (re-export with --max-det {EVAL_KEEP_TOP_K} for the protocol's)")
+    return applied, deviations
+
+
+def evaluate_runner(runner: Runner, root, limit=None, preds_dir=None, progress=True, exclude_calibration=True,
+                    baked_ok=False) -> dict:
     from .widerface import evaluate, load_ground_truth, write_predictions
 
+    applied, deviations = protocol_thresholds(runner, baked_ok)
     items = evaluation_keys(root, limit, exclude_calibration)
     preds = predict(runner, items, progress=progress)
     if preds_dir:
@@ -58,7 +86,8 @@ def evaluate_runner(runner: Runner, root, limit=None, preds_dir=None, progress=T
     result["resolution"] = ("original image size (padded bottom/right to a multiple of 32)"
                             if runner.input_size is None else
                             f"letterboxed to {runner.input_size[0]}x{runner.input_size[1]}, boxes mapped back")
-    result["conf"], result["nms"] = EVAL_CONF, EVAL_NMS
+    result["conf"], result["nms"], result["max_det"] = applied["conf"], applied["iou"], applied["max_det"]
+    result["protocol"] = "official" if not deviations else "deviates: " + "; ".join(deviations)
     result["runtime"] = runner.describe()
     result["calibration_images"] = "excluded" if exclude_calibration else "included"
     return result
@@ -67,4 +96,7 @@ def evaluate_runner(runner: Runner, root, limit=None, preds_dir=None, progress=T
 def format_result(r) -> str:
     return (f"WIDER FACE val ({r['images']} images, calibration images {r.get('calibration_images', 'excluded')}; "
             f"{r['resolution']}): "
-            f"Easy {r['easy']:.4f}  Medium {r['medium']:.4f}  Hard {r['hard']:.4f}")
+            f"Easy {r['easy']:.4f}  Medium {r['medium']:.4f}  Hard {r['hard']:.4f}"
+            + (f"\nrun by {r['runtime']}" if "reference evaluation" in str(r.get("runtime", "")) else "")
+            + (f"\nnot the protocol (not comparable with the tables): {r['protocol'][len('deviates: '):]}"
+               if str(r.get("protocol", "")).startswith("deviates") else ""))

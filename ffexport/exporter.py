@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,34 +32,8 @@ def default_output(fmt: Format, model: str, opts: ExportOptions) -> Path:
 
 
 def resolve_options(fmt: Format, opts: ExportOptions) -> ExportOptions:
-    """Fill the format's defaults and reject what it cannot do, naming the choices it has."""
-    def choose(value, choices, what):
-        if value is None:
-            return choices[0] if choices else None
-        if value not in choices:
-            raise FFExportError(f"{what} {value} is not available for {fmt.name}: use "
-                                f"{', '.join(map(str, choices)) or 'none'}")
-        return value
-
-    src = formats.exporting(fmt)
-    opts = replace(opts, precision=choose(opts.precision, fmt.precisions, "--precision"),
-                   dcn=choose(opts.dcn, fmt.dcn_forms, "--dcn"))
-    if opts.quantize is not None:
-        choose(opts.quantize, src.quantize, "--quantize")
-    if opts.dynamic and not src.dynamic:
-        raise FFExportError(f"--dynamic is not available for {fmt.name} (fixed input size): drop --dynamic")
-    if opts.nms and not src.nms:
-        raise FFExportError(f"--nms is not available for {fmt.name} yet: export without --nms and use "
-                            f"models.postprocess.detect on its raw outputs")
-    if opts.image_input and not src.image_input:
-        raise FFExportError(f"--image-input is not available for {fmt.name}: drop it")
-    if opts.calib_size < 1:
-        raise FFExportError(f"--calib-size {opts.calib_size} must be a positive number of images")
-    extra = {o.name: o.default for o in src.options}
-    unknown = set(opts.extra) - set(extra)
-    if unknown:
-        raise FFExportError(f"{', '.join(sorted(unknown))} is not an option of {fmt.name}")
-    return replace(opts, extra={**extra, **opts.extra})
+    """Fill the format's defaults and reject what it cannot do (Format.resolve), before any work."""
+    return fmt.resolve(opts, formats.exporting(fmt))
 
 
 def check_output(out: Path, fmt: Format, inputs=()) -> Path:
@@ -100,7 +73,7 @@ def check_writable(path, option, own_folder=None, inputs=()) -> Path:
 def export(fmt_name: str, model_name: str = "v2", out=None, opts: ExportOptions = ExportOptions(), weights=None,
            model=None, check=True) -> Path:
     """Export FeatherFace `model_name` (or the loaded `model`) as `fmt_name` to `out`; returns the path."""
-    from models.dcn import DeformableConv2d, dcn_form
+    from ffexport.models.dcn import DeformableConv2d, dcn_form
 
     fmt = formats.get(fmt_name)
     src = formats.exporting(fmt)
@@ -115,7 +88,7 @@ def export(fmt_name: str, model_name: str = "v2", out=None, opts: ExportOptions 
                        inputs=(weights, opts.calib))
     if opts.quantize == "int8" or opts.dcn == "fold":
         # Calibration data and the cache are needed later: a wrong --calib or cache fails now, not after export.
-        import calibration
+        from ffexport import calibration
 
         from .cache import cache_dir
 
@@ -184,10 +157,10 @@ def _move_into_place(src: Path, dst: Path):
 def check_input(size) -> tuple[np.ndarray, str]:
     """A real face image for the export check (the first calibration image when WIDER FACE is at hand),
     else a seeded random image."""
-    from models.preprocess import prepare
+    from ffexport.models.preprocess import prepare
 
     try:
-        import calibration
+        from ffexport import calibration
 
         from .images import read_image
 
@@ -202,7 +175,7 @@ def check_input(size) -> tuple[np.ndarray, str]:
 def check_forward(fmt: Format, path: Path, model, opts: ExportOptions) -> str:
     """Run the artifact once against PyTorch; raise if it does not compute what the model computes."""
     from .formats.pytorch import TorchRunner
-    from .parity import sqnr_db
+    from .measures import sqnr_db
 
     reason = fmt.runnable()
     if reason:
@@ -215,7 +188,7 @@ def check_forward(fmt: Format, path: Path, model, opts: ExportOptions) -> str:
     x, what = check_input(runner.input_size or opts.input_size)
     ref, got = TorchRunner(model)(x), runner(x)
     if runner.end_to_end:
-        return compare_detections(ref, got, x.shape[2:], opts.nms, runner.precision)
+        return compare_detections(ref, got, x.shape[2:], opts.nms, runner.precision, what)
     conf_err = float(np.abs(np.asarray(ref[1]) - np.asarray(got[1])).max())
     db = sqnr_db(ref[1], got[1])
     lossy = runner.precision != "fp32"
@@ -225,14 +198,25 @@ def check_forward(fmt: Format, path: Path, model, opts: ExportOptions) -> str:
     return f"conf vs PyTorch {conf_err:.1e} ({db:.0f} dB)"
 
 
-def compare_detections(ref_raw, got, input_hw, nms, precision="fp32") -> str:
-    """The export check of an --nms artifact: its detections against PyTorch + host decoding on one input."""
-    from models.postprocess import detect
+def compare_detections(ref_raw, got, input_hw, nms, precision="fp32", what="the check image") -> str:
+    """The export check of an --nms artifact: its detections against PyTorch + host decoding on one input.
+    0 vs 0 faces verifies nothing: on a real face photo that is refused (the file would never fire), on
+    the random stand-in image it is said."""
+    from ffexport.models.postprocess import detect
 
-    from .parity import match
+    from .measures import match
 
     ref = detect(*(o[0] for o in ref_raw), input_hw, 1.0, nms.conf, nms.iou, keep_top_k=nms.max_det)
     boxes, scores, landmarks = got
+    if len(ref) == 0:
+        if what == "a random image":
+            log(f"warning: the export check could not verify the detector: no face in {what} (WIDER FACE not "
+                f"found): run 'ffexport parity FILE --images DIR' on face photos")
+            return f"not verified ({len(scores)} faces vs PyTorch 0 on {what})"
+        best = float(np.asarray(ref_raw[1])[0, :, 1].max())
+        raise FFExportError(f"the export check saw no face: PyTorch finds none above --conf {nms.conf:g} in {what} "
+                            f"(a face photo; its best score is {best:.3f}), so the detector would not fire and "
+                            f"nothing was verified: lower --conf (e.g. 0.5), or pass --no-check to write it unchecked")
     iou = 0.9 if precision == "fp32" else 0.5
     pairs, _ = match(ref.boxes, boxes, scores, iou)
     if len(pairs) < (0.99 if precision == "fp32" else 0.9) * len(ref) or abs(len(scores) - len(ref)) > 0.01 * len(ref) + 1:

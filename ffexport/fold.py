@@ -2,8 +2,9 @@
 (checkpoint, calibration images, size, keep) and cached, with its measured accuracy cost.
 
 The fit reads the same calibration set as int8 quantization (--calib, --calib-size); it is deterministic,
-so the cache only saves time (~1-2 min at 640x640 on 64 images). Re-measure FOLD_AP with
-`python benchmarks/fold.py` when the models or the fit change.
+so the cache only saves time (~1-2 min at 640x640 on 64 images). The measured cost it prints is in
+ffexport/measured.json: re-measure with `python benchmarks/fold.py`, then `python benchmarks/run.py --measured`,
+when the models or the fit change.
 """
 import hashlib
 import json
@@ -11,12 +12,16 @@ from pathlib import Path
 
 from .cache import atomic_output, cache_dir
 from .errors import FFExportError
+from .measured import ap_text, measured
 
-# Measured (benchmarks/fold.json: V2, WIDER FACE val subset of 366 images, 640x640 letterbox, fitted on the
-# first 64 calibration images; TFLite 1 thread, interleaved, vs the exact `rows` file). Exact: 91.5/87.0/60.3.
-EXACT_AP = (91.5, 87.0, 60.3)
-FOLD_AP = {0: (90.1, 84.2, 55.4), 1: (90.4, 84.6, 55.9), 2: (91.1, 85.7, 57.6), 3: (91.4, 86.4, 59.0)}
-FOLD_TFLITE_TIME = {0: 0.40, 2: 0.55, 3: 0.58}
+# Measured (ffexport/measured.json, from benchmarks/results/fold.json: V2, WIDER FACE val subset of 366 images,
+# 640x640 letterbox, fitted on the first 64 calibration images — the CLI's --calib-size default is 100;
+# TFLite 1 thread, interleaved, vs the exact `rows` file).
+_FOLD = measured("fold")
+EXACT_AP = tuple(_FOLD["exact"])
+FOLD_AP = {int(k): tuple(v) for k, v in _FOLD["ap"].items()}
+FOLD_TFLITE_TIME = {int(k): v for k, v in _FOLD["tflite_time"].items()}
+FOLD_FIT_IMAGES = _FOLD["fit_images"]
 # 3: within 0.1/0.6/1.3 AP of exact at 0.58x the TFLite time; 2 is within target too (0.4/1.3/2.7, 0.55x)
 # but 0.3 Hard from its edge. Runtimes without any gather (NPUs) want --fold-keep 0.
 DEFAULT_KEEP = 3
@@ -24,20 +29,24 @@ DEFAULT_KEEP = 3
 FIT_VERSION = 1
 
 
-def fold_cost(keep=DEFAULT_KEEP, name="v2") -> str:
-    """The measured accuracy cost of --dcn fold with `keep` exact layers, one line."""
+def fold_cost(keep=DEFAULT_KEEP, name="v2", calib_size=None) -> str:
+    """The measured accuracy cost of --dcn fold with `keep` exact layers, one line. `calib_size`: the images
+    this export fits on, said when it differs from the measurement's fit."""
     ap = FOLD_AP.get(keep) if isinstance(keep, int) else None
-    head = "measured on the WIDER FACE val subset (366 images, PyTorch, 640x640, fitted on 64 calibration images)"
+    fit = f"fitted on {FOLD_FIT_IMAGES} calibration images"
+    if calib_size is not None and calib_size != FOLD_FIT_IMAGES:
+        fit += f"; this export fits {calib_size}"
+    head = f"measured on the WIDER FACE val subset ({_FOLD['images']} images, PyTorch, 640x640, {fit})"
     if name != "v2":
         head = f"not measured for {name}; for V2, {head}"
     if ap is None:
         return (f"{head}: this --fold-keep was not measured; --fold-keep 0 scores Easy/Medium/Hard AP "
-                f"{'/'.join(map(str, FOLD_AP[0]))}, {DEFAULT_KEEP} scores {'/'.join(map(str, FOLD_AP[DEFAULT_KEEP]))} "
-                f"vs {'/'.join(map(str, EXACT_AP))} exact")
+                f"{ap_text(FOLD_AP[0])}, {DEFAULT_KEEP} scores {ap_text(FOLD_AP[DEFAULT_KEEP])} "
+                f"vs {ap_text(EXACT_AP)} exact")
     drop = "/".join(f"{a - e:+.1f}" for a, e in zip(ap, EXACT_AP))
     speed = f", TFLite time {FOLD_TFLITE_TIME[keep]:.2f}x the exact rows form" if keep in FOLD_TFLITE_TIME else ""
-    return (f"{head}, V2 with --dcn fold --fold-keep {keep} scores Easy/Medium/Hard AP {'/'.join(map(str, ap))} "
-            f"vs {'/'.join(map(str, EXACT_AP))} exact ({drop}){speed}: an approximation of the checkpoint")
+    return (f"{head}, V2 with --dcn fold --fold-keep {keep} scores Easy/Medium/Hard AP {ap_text(ap)} "
+            f"vs {ap_text(EXACT_AP)} exact ({drop}){speed}: an approximation of the checkpoint")
 
 
 def _progress(msg):
@@ -47,11 +56,11 @@ def _progress(msg):
 
 
 def _key(model, files, n, keep, size) -> str:
-    import models.fold
+    from ffexport.models import fold as _models_fold
 
     recipe = {"checkpoint": getattr(model, "checkpoint_sha256", "unknown"), "n": n, "size": list(size),
               "keep": keep if isinstance(keep, int) else sorted(keep), "version": FIT_VERSION,
-              "code": hashlib.sha256(Path(models.fold.__file__).read_bytes()).hexdigest(),
+              "code": hashlib.sha256(Path(_models_fold.__file__).read_bytes()).hexdigest(),
               "images": [(Path(f).name, Path(f).stat().st_size) for f in files]}
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:20]
 
@@ -79,8 +88,8 @@ def fold_model(model, name, calib=None, calib_size=64, keep=DEFAULT_KEEP, input_
     Returns (model, notes): notes are the artifact metadata (dcn, fold_keep, per-layer SQNR, approximation)
     plus "fold_cost", the measured accuracy cost to print. Layers kept exact run the exact DCN in each
     DCN's `fold_exact_form` (set it to the target's exact form, e.g. "rows" for TFLite, before exporting)."""
-    import calibration
-    from models.fold import apply_fold, fit_fold
+    from ffexport import calibration
+    from ffexport.models.fold import apply_fold, fit_fold
 
     keep = DEFAULT_KEEP if keep is None else keep
     if isinstance(keep, int) and not 0 <= keep <= 15:
@@ -115,5 +124,5 @@ def fold_model(model, name, calib=None, calib_size=64, keep=DEFAULT_KEEP, input_
         kept = json.loads(entry["meta"]["fold_keep"])
         for layer, why in kept.items():
             _progress(f"kept exact: {layer}: {why}")
-        _progress(f"approximation: {fold_cost(keep, name)}")
-    return model, {**entry["meta"], "fold_cost": fold_cost(keep, name)}
+        _progress(f"approximation: {fold_cost(keep, name, calib_size)}")
+    return model, {**entry["meta"], "fold_cost": fold_cost(keep, name, calib_size)}

@@ -1,8 +1,8 @@
 """Metadata embedded in every artifact, so a deployed file says what it is and where it came from."""
 import json
 
-from models.postprocess import MIN_SIZES, STEPS, VARIANCES
-from models.preprocess import MEAN_BGR
+from ffexport.models.postprocess import MIN_SIZES, STEPS, VARIANCES
+from ffexport.models.preprocess import MEAN_BGR
 
 from . import __version__
 

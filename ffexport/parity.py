@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .measures import average_precision, box_iou, match, sqnr_db, tensor_errors  # noqa: F401 (parity's API)
 from .runner import OUTPUTS
 
-# Documented defaults (README "Parity"): what an artifact of each precision must meet.
+# Documented defaults (docs/parity.md): what an artifact of each precision must meet.
 TOLERANCES = {
     "fp32": {"max_abs": {"loc": 1e-3, "conf": 1e-4, "landmarks": 2e-3}, "matched": 1.0, "ap": 0.99},
     "fp16": {"max_abs": {"conf": 2e-2}, "matched": 0.97, "ap": 0.97},
@@ -34,61 +35,6 @@ def tolerance_class(runner) -> str:
 E2E_LANDMARKS_PX = 0.5  # an fp32 --nms artifact's landmarks vs PyTorch + host decoding, input pixels
 
 
-def tensor_errors(ref: np.ndarray, got: np.ndarray) -> dict:
-    ref, got = np.asarray(ref, np.float64).ravel(), np.asarray(got, np.float64).ravel()
-    diff = np.abs(ref - got)
-    cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-12))
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cos}
-
-
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better), as onnxruntime's qdq debugger reports."""
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    noise = np.sum((ref - got) ** 2)
-    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
-
-
-def box_iou(a, b) -> np.ndarray:
-    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), -1)
-    area = lambda r: np.prod(np.clip(r[:, 2:] - r[:, :2], 0, None), -1)
-    return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-12)
-
-
-def match(ref_boxes, boxes, scores=None, iou=0.5):
-    """One-to-one matching, detections taken by descending score (VOC style). Returns (pairs, tp flags)."""
-    order = np.argsort(-np.asarray(scores)) if scores is not None else np.arange(len(boxes))
-    ious = box_iou(boxes, ref_boxes) if len(boxes) and len(ref_boxes) else np.zeros((len(boxes), len(ref_boxes)))
-    taken, pairs, tp = set(), [], np.zeros(len(boxes), bool)
-    for i in order:
-        if not len(ref_boxes):
-            break
-        cand = [j for j in np.argsort(-ious[i]) if ious[i, j] >= iou and j not in taken]
-        if cand:
-            taken.add(cand[0])
-            pairs.append((i, cand[0]))
-            tp[i] = True
-    return pairs, tp
-
-
-def average_precision(tp_flags, scores, n_ref) -> float:
-    """VOC (all-point interpolated) AP of detections with TP flags against n_ref reference objects."""
-    if n_ref == 0:
-        return 1.0 if len(scores) == 0 else 0.0
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    tp = np.asarray(tp_flags, float)[order]
-    tpc, fpc = np.cumsum(tp), np.cumsum(1 - tp)
-    recall = tpc / n_ref
-    precision = tpc / np.maximum(tpc + fpc, 1e-12)
-    mrec = np.concatenate([[0], recall, [1]])
-    mpre = np.concatenate([[0], precision, [0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    idx = np.where(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
-
-
 @dataclass
 class ParityReport:
     artifact: str
@@ -98,6 +44,9 @@ class ParityReport:
     detections: dict = field(default_factory=dict)   # matched, ref_count, count, score_delta_*, ap
     tolerances: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
+    evaluation: str = ""  # how the artifact was run when not by its real runtime (e.g. a reference evaluator)
+    thresholds: dict = field(default_factory=dict)   # conf/iou/max_det both sides were decoded at
+    baked: bool = False                              # thresholds set by the file (--nms, static), not asked
 
     @property
     def ok(self):
@@ -106,14 +55,25 @@ class ParityReport:
     def to_json(self):
         return {"artifact": self.artifact, "precision": self.precision, "images": self.images,
                 "tensors": self.tensors, "detections": self.detections, "tolerances": self.tolerances,
-                "passed": self.ok, "failures": self.failures}
+                "thresholds": self.thresholds, "thresholds_from_file": self.baked,
+                "passed": self.ok, "failures": self.failures,
+                **({"evaluation": self.evaluation} if self.evaluation else {})}
 
     def summary(self) -> str:
-        lines = [f"parity of {self.artifact} ({self.precision}) vs PyTorch on {self.images} images"]
+        t = self.thresholds
+        at = (f"conf {t['conf']:g}, nms {t['iou']:g}" + (f", max {t['max_det']} faces" if t.get("max_det") else "")
+              if t else "")
+        lines = [f"parity of {self.artifact} ({self.precision}) vs PyTorch on {self.images} images"
+                 + (f", both at {at}" + (" (the file's in-graph thresholds)" if self.baked else "") if at else "")
+                 + (f" — {self.evaluation}" if self.evaluation else "")]
         for k, t in self.tensors.items():
             lines.append(f"  {k:<10} max|d| {t['max_abs']:.3g}  mean|d| {t['mean_abs']:.3g}  cos {t['cosine']:.6f}"
                          f"  SQNR {t['sqnr_db']:.1f} dB")
         d = self.detections
+        if not d.get("ref_count"):  # nothing to match: no made-up percentages
+            lines.append(f"  detections: {d.get('count', 0)} vs 0 (PyTorch): nothing to match")
+            lines.append("  PASS" if self.ok else "  FAIL: " + "; ".join(self.failures))
+            return "\n".join(lines)
         lines.append(f"  detections: {d['count']} vs {d['ref_count']} (PyTorch); matched {d['matched']:.1%} at "
                      f"IoU>={d.get('match_iou', 0.5)}; landmarks max {d.get('landmarks_max_px', 0):.2g} px;"
                      f" score delta mean {d['score_delta_mean']:.2g} max {d['score_delta_max']:.2g};"
@@ -126,18 +86,27 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
     """Run both runners on the same inputs (the artifact's input size) and compare."""
     from tqdm import tqdm
 
-    from models.postprocess import detect
-    from models.preprocess import prepare
+    from ffexport.models.postprocess import detect
+    from ffexport.models.preprocess import prepare
 
     from .runtime import decode
     from ffexport.images import read_image
 
-    report = ParityReport(str(getattr(runner, "path", runner.kind)), precision, tolerances=TOLERANCES[precision])
+    report = ParityReport(str(getattr(runner, "path", runner.kind)), precision, tolerances=TOLERANCES[precision],
+                          evaluation=getattr(runner, "evaluation", ""))
     acc = {k: {"ref": [], "got": []} for k in OUTPUTS}
     stats = {"max_abs": {k: 0.0 for k in OUTPUTS}, "sum_abs": {k: 0.0 for k in OUTPUTS}, "n": {k: 0 for k in OUTPUTS}}
     ref_total, count, tp_all, scores_all, deltas = 0, 0, [], [], []
     iou = 0.9 if runner.end_to_end and precision == "fp32" else 0.5
-    runner.configure(conf, nms)
+    # Both sides at the thresholds the artifact applies: a static --nms file decides its own (baked).
+    from .e2e import threshold_gaps
+
+    conf0, nms0 = conf, nms
+    applied = runner.configure(conf, nms)
+    conf, nms = applied["conf"], applied["iou"]
+    top_k = applied.get("max_det") or 750
+    report.thresholds = {"conf": conf, "iou": nms, "max_det": applied.get("max_det")}
+    report.baked = bool(threshold_gaps({"conf": conf0, "iou": nms0}, applied))
     lm_err = 0.0
     for path in tqdm(images, desc="parity", unit="img", disable=None if progress else True):
         x, scale = prepare(read_image(path), runner.input_size, runner.multiple or 32)
@@ -151,7 +120,7 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
                 # Subsample for cosine/SQNR so memory stays flat over many images.
                 acc[k]["ref"].append(np.asarray(r).ravel()[::7])
                 acc[k]["got"].append(np.asarray(g).ravel()[::7])
-        dref = detect(*(o[0] for o in ref_out), x.shape[2:], scale, conf, nms)
+        dref = detect(*(o[0] for o in ref_out), x.shape[2:], scale, conf, nms, keep_top_k=top_k)
         dgot = decode(runner, out, x.shape[2:], scale, conf, nms)
         pairs, tp = match(dref.boxes, dgot.boxes, dgot.scores, iou)
         if pairs:  # landmark error in input-tensor pixels
@@ -177,12 +146,17 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
                          "ap": average_precision(tp, scores, ref_total), "match_iou": iou,
                          "landmarks_max_px": lm_err}
     tol = TOLERANCES[precision]
+    if ref_total == 0:  # 0 vs 0 would "match": say that nothing was compared
+        report.failures.append(f"PyTorch finds no face above conf {conf:g} in these {len(images)} images, so no "
+                               f"detection was compared: use images with faces, or a lower --conf (a static "
+                               f"--nms file: re-export with one)")
+        return report
     for k, limit in tol["max_abs"].items():
         if k in report.tensors and report.tensors[k]["max_abs"] > limit:
             report.failures.append(f"{k} max abs error {report.tensors[k]['max_abs']:.3g} > {limit:g}")
     if report.detections["matched"] < tol["matched"]:
         report.failures.append(f"matched {report.detections['matched']:.1%} < {tol['matched']:.0%}")
-    if runner.end_to_end and precision == "fp32":  # README: --nms artifacts, fp32
+    if runner.end_to_end and precision == "fp32":  # docs/artifact-contract.md: --nms artifacts, fp32
         if lm_err > E2E_LANDMARKS_PX:
             report.failures.append(f"landmarks differ by {lm_err:.2g} px > {E2E_LANDMARKS_PX} px")
         if abs(count - ref_total) > 0.01 * max(ref_total, 1):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.postprocess import nms
-from models.preprocess import MEAN_BGR, letterbox, to_tensor
+from ffexport.models.postprocess import nms
+from ffexport.models.preprocess import MEAN_BGR, letterbox, to_tensor
 
 from .cache import atomic_output, cache_dir, download, sha256sum
 from .errors import FFExportError
@@ -352,7 +352,7 @@ class Face1MBDetector(Runner):
     def __init__(self, size=None, threads=None):
         import torch
 
-        from models import face1mb
+        from ffexport.models import face1mb
 
         p = PEERS[self.peer]
         self.model, self.spec = self.peer, face1mb.ARCHS[self.arch]
@@ -380,7 +380,7 @@ class Face1MBDetector(Runner):
         return rng.integers(0, 255, (1, 3, *hw)).astype(np.float32) - np.array(MEAN_BGR, np.float32)[:, None, None]
 
     def detect(self, img_bgr, threshold=0.5, iou=0.4) -> np.ndarray:
-        from models.postprocess import detect
+        from ffexport.models.postprocess import detect
 
         boxed, scale = _fit(img_bgr, self.size)
         x = to_tensor(boxed)

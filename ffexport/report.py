@@ -58,7 +58,7 @@ def run_report(models=("v1", "v2"), targets=DEFAULT_TARGETS, input_size=(640, 64
     Returns the report.json content plus "ratios" (bench V2/V1 per target), "below_min_ap" (one dict per
     verified row under the floor, with a one-line "message" naming it) and "files" (what was written).
     """
-    from models import MODELS
+    from ffexport.models import MODELS
 
     from .bench import bench, machine_info, ratios, versions
     from .evaluate import evaluation_keys
@@ -221,7 +221,7 @@ def _build(target, model, size, progress):
     if reason:
         row.update(status=SKIPPED, reason=reason)
         return row, None
-    if fmt.name == "torch":
+    if fmt.reference:
         row.update(status=REFERENCE, reason="the PyTorch checkpoint, letterboxed to the report's input size: "
                                             "what parity compares every artifact with")
         row["size_mb"] = resolve(model).stat().st_size / 1e6
@@ -260,7 +260,7 @@ def _measure(row, target, path, refs, root, images, parity_paths, size, threads,
     t0 = time.time()
     try:
         runner = target.runner(path, row["model"], threads)
-        if target.fmt.name == "torch":
+        if target.fmt.reference:
             runner.input_size = tuple(size)  # scored and timed at the report's size, as the artifacts are
         else:
             rep = compare(_reference(refs, row["model"]), runner, parity_paths,
@@ -434,9 +434,9 @@ def markdown(report, extra) -> str:
         f"FeatherFace rows are letterboxed to {extra['input_size']} (PyTorch too), boxes mapped back.",
         f"- **Parity**: vs PyTorch on {extra['parity_images']} of those images: SQNR of the conf output, and the "
         f"share of PyTorch's detections (conf 0.5, NMS 0.4) the artifact finds at IoU >= 0.5.",
-        f"- **Latency**: median of up to {extra['runs']} runs, {extra['threads']} thread(s), V1 and V2 interleaved "
-        f"per target in one worker process (`ffexport bench`); peers at their natural size through the same "
-        f"bench, at the report's size timed interleaved with each other in this process.", "",
+        f"- **Latency**: median of up to {extra['runs']} runs on {extra['threads']} thread(s), `ffexport bench`. "
+        f"V1 and V2 of a target are timed interleaved in one worker process. Peers are timed twice: at their "
+        f"natural input size by the same bench, and at the report's size interleaved with each other.", "",
         "| artifact | format | precision | input | status | size MB | conf SQNR dB | matched | Easy | Medium | Hard "
         "| median ms | V2/V1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -491,8 +491,10 @@ def _pct(v):
 
 def plot(report, out):
     """Latency (log) vs Hard AP, one point per row that ran and was verified (peers included). Left: every
-    point; right: the ones near FeatherFace, labelled (V1 and V2 of a target share one label, the colour
-    tells them apart), so a far-off peer (BlazeFace) does not squash the comparison that matters."""
+    point; right: the ones near FeatherFace, so a far-off peer (BlazeFace) does not squash the comparison
+    that matters — one panel when every point is near. V1 and V2 of a target are joined by a line and
+    share one label at the higher of the two points (the colour tells them apart): a label sits on a point,
+    never between two, and moves up (away from the crowded lower row) when it would overlap another."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,50 +507,64 @@ def plot(report, out):
     ours = [hard(r) for r in pts if not r["peer"]] or [hard(r) for r in pts] or [0]
     near = [r for r in pts if hard(r) >= min(ours) - 15]
     colors = {"v1": "#4c72b0", "v2": "#dd8452"}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.6]})
-    for ax, rows in zip(axes, (pts, near)):
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    two = len(near) < len(pts)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13, 5.5) if two else (8.5, 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.6]} if two else None)
+    axes = list(axes[0])
+    for ax, rows in zip(axes, (pts, near) if two else (pts,)):
         labels = {}
         for r in rows:
             c = "#55a868" if r["peer"] else colors.get(r["model"], "#8172b2")
             ax.scatter(r["median_ms"], hard(r), color=c, marker="s" if r["peer"] else "o", s=36, zorder=3)
             # A FeatherFace row is named "<model> <target>" (_build).
-            if ax is axes[1] or r not in near:
+            if ax is axes[-1] or r not in near:
                 labels.setdefault(r["name"] if r["peer"] else r["name"][len(r["model"]) + 1:], []).append(r)
+        for v in labels.values():
+            if len(v) > 1:
+                ax.plot([r["median_ms"] for r in v], [hard(r) for r in v], color="0.6", lw=0.8, zorder=2)
         ax.set_xscale("log")
+        # Ticks at 1-2-5 with plain numbers; minor ticks unlabelled (their labels overlapped).
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("median latency, ms (log)")
         ax.grid(alpha=0.3, which="both")
         ax.margins(x=0.2, y=0.15)
         ax._labels = labels
     axes[0].set_ylabel(f"WIDER FACE Hard AP, % ({report['images']} images)")
-    axes[0].set_title("all rows", fontsize=9)
-    axes[1].set_title(f"near FeatherFace (Hard AP >= {min(ours) - 15:.0f})", fontsize=9)
+    axes[0].set_title("all rows" if two else "every verified row", fontsize=9)
+    if two:
+        axes[1].set_title(f"near FeatherFace (Hard AP >= {min(ours) - 15:.0f})", fontsize=9)
     for label, c, mk in (("FeatherFace V1", colors["v1"], "o"), ("FeatherFace V2", colors["v2"], "o"),
                          ("peer detectors", "#55a868", "s")):
-        axes[1].scatter([], [], color=c, marker=mk, label=label)
-    axes[1].legend(loc="lower right", fontsize=8)
+        axes[-1].scatter([], [], color=c, marker=mk, label=label)
+    axes[-1].legend(loc="upper right", fontsize=8)
     fig.suptitle(f"latency vs Hard AP — {report['machine']['cpu']}, {report['rows'][0]['input_size']}", fontsize=10)
     fig.tight_layout()
     for ax in axes:
-        _place_labels(ax, {k: (float(np.exp(np.mean(np.log([r["median_ms"] for r in v])))),
-                               float(np.mean([hard(r) for r in v]))) for k, v in ax._labels.items()})
+        # At a real point (the pair's higher one), not the midpoint of V1 and V2.
+        at = {k: max(v, key=hard) for k, v in ax._labels.items()}
+        _place_labels(ax, {k: (float(r["median_ms"]), float(hard(r))) for k, r in at.items()})
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def _place_labels(ax, anchors, fontsize=7):
-    """Each label right of its point, moved down (with a leader line) until it overlaps no label above it."""
+    """Each label right of its point, moved up (with a leader line) until it overlaps no label below it."""
     fig = ax.figure
     fig.canvas.draw()
     to_px = ax.transData.transform
     line_h = fontsize * fig.dpi / 72 * 1.35
     placed = []
-    for text, (x, y) in sorted(anchors.items(), key=lambda kv: -kv[1][1]):
+    for text, (x, y) in sorted(anchors.items(), key=lambda kv: kv[1][1]):
         px, py = to_px((x, y))
         w = len(text) * fontsize * fig.dpi / 72 * 0.55
         lx, ly = px + 6, py
         while any(abs(ly - qy) < line_h and lx < qx + qw and qx < lx + w for qx, qy, qw in placed):
-            ly -= line_h / 2
+            ly += line_h / 2
         placed.append((lx, ly, w))
         moved = abs(ly - py) > 1
         ax.annotate(text, (x, y), xytext=(lx - px, ly - py), textcoords="offset pixels", fontsize=fontsize,

@@ -23,8 +23,17 @@ class Runner:
     def __call__(self, x: np.ndarray):
         raise NotImplementedError
 
-    def configure(self, conf=None, iou=None, max_det=None):
-        """End-to-end artifacts whose thresholds are run-time inputs take them here; others ignore it."""
+    applied: dict = {}  # the thresholds the last configure() says apply (what callers print and record)
+
+    def configure(self, conf=None, iou=None, max_det=None) -> dict:
+        """Ask for thresholds; returns (and keeps in `applied`) the ones that will apply, which is what a
+        caller prints. Raw outputs: the host applies what was asked. A static end-to-end file applies the
+        ones baked at export (a stricter conf still filters, see ffexport.e2e.static_thresholds); ONNX,
+        whose thresholds are inputs, overrides this."""
+        from .e2e import static_thresholds
+
+        self.applied = static_thresholds(self, conf, iou, max_det)
+        return self.applied
 
     def describe(self):
         size = "x".join(map(str, self.input_size)) if self.input_size else "dynamic"

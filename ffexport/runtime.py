@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.postprocess import Detections, detect
-from models.preprocess import prepare
+from ffexport.models.postprocess import Detections, detect
+from ffexport.models.preprocess import prepare
 
 from .errors import FFExportError
 from .images import MAX_PIXELS
@@ -20,26 +20,24 @@ def load_runner(artifact=None, model="v2", weights=None, threads=None, dcn="grid
     """A runner for an exported artifact (its format found by suffix, or `runtime` by name), or for the
     PyTorch model (artifact None or a .pth checkpoint)."""
     from . import formats
-    from .formats.pytorch import TorchRunner
-    from .weights import load_model, read_state_dict, which_model
 
-    if artifact is not None:
-        path = Path(artifact)
-        if not path.exists():
-            raise FFExportError(f"{path} does not exist: check the path")
-        fmt = formats.for_path(path, runtime)
-        if fmt.name != "torch":
-            reason = fmt.runnable()
-            if reason:
-                from .errors import RuntimeUnavailable
+    reference = next(f for f in formats.FORMATS if f.reference)
+    if artifact is None:
+        if runtime not in (None, reference.name):
+            raise FFExportError(f"--runtime {runtime} needs an artifact: pass --artifact FILE")
+        return reference.runner(weights, threads, model=model, dcn=dcn)
+    path = Path(artifact)
+    if not path.exists():
+        raise FFExportError(f"{path} does not exist: check the path")
+    fmt = formats.for_path(path, runtime)
+    if fmt.reference:
+        return fmt.runner(path, threads, dcn=dcn)  # the checkpoint says which model it is
+    reason = fmt.runnable()
+    if reason:
+        from .errors import RuntimeUnavailable
 
-                raise RuntimeUnavailable(f"cannot run {path.name} here, so nothing was measured: {reason}")
-            return fmt.runner(path, threads)
-        weights = path
-        model = which_model(read_state_dict(path)) or model
-    elif runtime not in (None, "torch"):
-        raise FFExportError(f"--runtime {runtime} needs an artifact: pass --artifact FILE")
-    return TorchRunner(load_model(model, weights, dcn=dcn), model, threads)
+        raise RuntimeUnavailable(f"cannot run {path.name} here, so nothing was measured: {reason}")
+    return fmt.runner(path, threads)
 
 
 def fit_native(img: np.ndarray, runner: Runner) -> tuple[np.ndarray, float]:

@@ -41,7 +41,7 @@ class Target:
 
             return peer_available(self.peer)
         src = formats.exporting(self.fmt)
-        reason = (src.available() if src.export else None) or self.fmt.runnable()
+        reason = (src.available() if src.export else None) or self.fmt.runnable() or self.fmt.timeable()
         if reason or not self.arm:
             return reason
         if arm_mode(remote) == "emulated" and not shutil.which("qemu-aarch64-static"):
@@ -54,7 +54,7 @@ class Target:
 
     def build(self, model: str, size) -> str | None:
         """The artifact for `model` at `size`, exported into the bench cache unless it is there already."""
-        if self.peer or self.fmt.name == "torch":
+        if self.peer or self.fmt.reference:
             return None
         from .cache import sha256sum
         from .exporter import default_output, export
@@ -75,11 +75,8 @@ class Target:
             from .peers import get_peer
 
             return get_peer(self.peer).create(threads=threads)
-        if self.fmt.name == "torch":
-            from .formats.pytorch import TorchRunner
-            from .weights import load_model
-
-            return TorchRunner(load_model(model), model, threads)
+        if self.fmt.reference:
+            return self.fmt.runner(None, threads, model=model)
         return self.fmt.runner(path, threads)
 
     def measure(self, path, x, threads, runs, warmup, remote=None) -> dict:
@@ -99,7 +96,7 @@ def targets() -> dict[str, Target]:
     """Every bench target, in the formats table's order, then the peers."""
     out = {}
     for fmt in formats.FORMATS:
-        if fmt.runner is None and fmt.name != "torch":
+        if fmt.runner is None:
             continue
         base = fmt.bench_name
         variants = [(base, None, None)]

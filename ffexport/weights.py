@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models import MODELS, ModelSpec
+from ffexport.models import MODELS, ModelSpec
 
 from .cache import cache_dir, download, sha256sum
 from .errors import FFExportError
@@ -38,10 +38,12 @@ def resolve(name: str, weights=None, allow_download=True) -> Path:
     if cached.is_file():
         return cached
     if not allow_download:
-        raise FFExportError(f"no {name} weights found: pass --weights PATH or set FFEXPORT_WEIGHTS_DIR")
+        raise FFExportError(f"no {name} weights found: pass --weights PATH or set FFEXPORT_WEIGHTS_DIR to a folder "
+                            f"holding {s.filename}")
     url = os.environ.get(f"FFEXPORT_{name.upper()}_URL", s.url)
     return download(url, cached, s.sha256, f"FeatherFace {name} weights",
-                    f"check the network, or download {s.url} yourself and pass --weights PATH")
+                    f"check the network, or download {s.url} yourself and pass --weights PATH (or put "
+                    f"{s.filename} in a folder named by FFEXPORT_WEIGHTS_DIR, for every command)")
 
 
 def read_state_dict(path: Path) -> dict:
@@ -69,7 +71,7 @@ def which_model(sd: dict) -> str | None:
 
 def load_model(name: str = "v2", weights=None, dcn: str = "grid") -> torch.nn.Module:
     """The FeatherFace model `name` with its checkpoint loaded strictly, in eval mode."""
-    from models.dcn import set_dcn_form
+    from ffexport.models.dcn import set_dcn_form
 
     s = spec(name)
     path = resolve(name, weights)

@@ -28,7 +28,7 @@ from ffexport.arm import run_arm, run_onnx_arm
 from ffexport.errors import FFExportError
 from ffexport.formats import ncnn as ncf
 from ffexport.formats.base import ExportOptions
-from models.preprocess import prepare
+from ffexport.models.preprocess import prepare
 
 SHAPE = (1, 3, 32, 32)
 

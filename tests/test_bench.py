@@ -16,6 +16,7 @@ def result(tmp_path_factory):
     return json.loads((d / "b.json").read_text()), r.stdout, d / "b.png"
 
 
+@pytest.mark.slow  # the bench fixture times real targets: ~9 min measured on 2 loaded cores
 def test_rows_follow_the_schema(result):
     res, _, _ = result
     assert {"cpu", "cores", "arch"} <= set(res["machine"]) and "onnxruntime" in res["versions"]
@@ -26,12 +27,14 @@ def test_rows_follow_the_schema(result):
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] and r["peak_rss_mb"] > 50
 
 
+@pytest.mark.slow  # the bench fixture times real targets: ~9 min measured on 2 loaded cores
 def test_unavailable_target_is_skipped_with_a_reason(result):
     res, _, _ = result
     coreml = [r for r in res["rows"] if r["target"] == "coreml"]
     assert coreml and all(r["status"] == "skipped" and "macOS" in r["note"] for r in coreml)
 
 
+@pytest.mark.slow  # the bench fixture times real targets: ~9 min measured on 2 loaded cores
 def test_ratio_verdict_and_plot(result):
     res, stdout, png = result
     rs = {(r["target"], r["input_size"], r["threads"]): r["ratio"] for r in ratios(res)}

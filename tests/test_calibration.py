@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-import calibration
+from ffexport import calibration
 from conftest import WIDERFACE
 from ffexport.errors import FFExportError
 from helpers import serve_dir
-from models.preprocess import prepare
+from ffexport.models.preprocess import prepare
 from ffexport.images import read_image
 
 

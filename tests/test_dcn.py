@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.dcn import FORMS, DeformableConv2d, deform_conv2d, deform_conv2d_rows
+from ffexport.models.dcn import FORMS, DeformableConv2d, deform_conv2d, deform_conv2d_rows
 
 
 def naive_dcn(x, offset, mask, weight, stride=1, pad=1):

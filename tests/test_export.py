@@ -66,7 +66,7 @@ def test_fp32_artifact_matches_pytorch_on_real_images(exports, v2_model, name):
 
 @pytest.mark.parametrize("hw,batch", [((480, 640), 1), ((320, 384), 2)])
 def test_dynamic_export_at_other_sizes(exports, v2_model, hw, batch):
-    from models.preprocess import letterbox, to_tensor
+    from ffexport.models.preprocess import letterbox, to_tensor
     from ffexport.images import read_image
 
     runner = OnnxRunner(exports / "dynamic.onnx")

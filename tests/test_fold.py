@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dcn import folded_conv2d
-from models.fold import apply_fold, fit_fold, fold_state, offsets_dropped
+from ffexport.models.dcn import folded_conv2d
+from ffexport.models.fold import apply_fold, fit_fold, fold_state, offsets_dropped
 
 SIZE = (160, 160)
 
 
 @pytest.fixture(scope="module")
 def batch():
-    import calibration
+    from ffexport import calibration
 
     return calibration.load_batch(calibration.find_widerface(), 6, SIZE, progress=False)
 
@@ -64,7 +64,7 @@ def test_folded_layer_matches_its_formula(folded, batch):
 
 def test_fold_of_trained_weights_is_the_dcn_without_offsets(v2_model):
     """With the trained weights in the weights-first layout and zero bias, the fold is the exact DCN at zero offset."""
-    from models.dcn import deform_conv2d
+    from ffexport.models.dcn import deform_conv2d
 
     m = v2_model.ssh1.conv3X3[0]
     x = torch.randn(1, 56, 12, 12, generator=torch.Generator().manual_seed(1))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import IMAGES, REPO, WEIGHTS
-from models import MODELS
-from models.postprocess import num_priors, priors
+from ffexport.models import MODELS
+from ffexport.models.postprocess import num_priors, priors
 from ffexport.images import read_image
 from ffexport.formats.pytorch import TorchRunner
 from ffexport.runtime import run_image

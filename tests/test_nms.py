@@ -17,11 +17,11 @@ from ffexport.evaluate import evaluation_keys
 from ffexport.formats.base import NmsOptions
 from ffexport.formats.onnx import export_onnx
 from ffexport.images import read_image
-from ffexport.nms_onnx import THRESHOLD_INPUTS, add_postprocess
+from ffexport.formats.onnx.nms import THRESHOLD_INPUTS, add_postprocess
 from ffexport.parity import match
-from models.e2e import EndToEnd
-from models.postprocess import Detections, detect
-from models.preprocess import letterbox, to_tensor
+from ffexport.models.e2e import EndToEnd
+from ffexport.models.postprocess import Detections, detect
+from ffexport.models.preprocess import letterbox, to_tensor
 
 SIZE = (640, 640)
 
@@ -231,8 +231,8 @@ def tflite_image_e2e(tmp_path_factory, v2_model):
                                        reason="TFLite converter not installed: pip install 'ffexport[tflite]'")
     import warnings
 
-    from ffexport.e2e import register_tflite_nms
-    from models.dcn import dcn_form
+    from ffexport.formats.tflite.nms import register_tflite_nms
+    from ffexport.models.dcn import dcn_form
 
     register_tflite_nms()
 

@@ -221,7 +221,7 @@ def _ious(a, b):
 def test_face1mb_state_dicts_load_strictly(peer_files, name):
     import torch
 
-    from models import face1mb
+    from ffexport.models import face1mb
 
     arch, params = FACE1MB[name]
     f = peers.PEERS[name].files[0]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import IMAGES, PHOTOS
 from ffexport.parity import compare
-from ffexport.quantize import op_kind, support
+from ffexport.formats.onnx.quantize import op_kind, support
 from ffexport.formats.onnx import OnnxRunner
 from ffexport.formats.pytorch import TorchRunner
 from helpers import assert_one_line_error, run_cli

@@ -32,6 +32,7 @@ def _rows(result):
     return {r["name"]: r for r in result["rows"]}
 
 
+@pytest.mark.slow  # the report fixture exports, evaluates and times: ~2 min measured
 def test_json_follows_the_schema(run):
     result, out, lines = run
     saved = json.loads((out / "report.json").read_text())
@@ -58,6 +59,7 @@ def test_json_follows_the_schema(run):
     assert any(l.startswith("bench: onnxruntime 320x320") for l in lines)
 
 
+@pytest.mark.slow  # the report fixture exports, evaluates and times: ~2 min measured
 def test_ap_equals_evaluate_runner_on_the_same_images(run):
     from ffexport.evaluate import evaluate_runner
     from ffexport.targets import targets
@@ -74,6 +76,7 @@ def test_ap_equals_evaluate_runner_on_the_same_images(run):
         assert rows[name]["ap"] == {s: alone[s] for s in ("easy", "medium", "hard")}, name
 
 
+@pytest.mark.slow  # the report fixture exports, evaluates and times: ~2 min measured
 def test_floor_above_the_achieved_ap_names_the_artifact(run):
     result, out, _ = run
     below = {b["name"]: b for b in result["below_min_ap"]}
@@ -93,6 +96,7 @@ def test_floor_in_fractions_is_refused_before_any_work(tmp_path):
     assert "90,80,60" in str(e.value) and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # the report fixture exports, evaluates and times: ~2 min measured
 def test_markdown_and_plot(run):
     result, out, _ = run
     md = (out / "report.md").read_text()

@@ -1,24 +1,33 @@
 """Every format ffexport knows, in one explicit list. Each module declares its own `FORMAT`.
 
-Adding a format: one module here, one line in FORMATS, one extra in setup.cfg (named after the format).
+Adding a format: one module in this package and its name in MODULES (plus an extra in setup.cfg when it
+needs packages of its own). Everything else — CLI commands, runners, bench targets, `ffexport info`, the
+README's table — reads FORMATS.
 """
+from importlib import import_module
 from pathlib import Path
 
 from ..errors import FFExportError
-from . import coreml, executorch, ncnn, onnx, opencv, openvino, pytorch, tflite, torchscript
 from .base import ExportOptions, Format, NmsOptions, Option  # noqa: F401 (the public API of formats)
 
-FORMATS: tuple[Format, ...] = (
-    pytorch.FORMAT,
-    torchscript.FORMAT,
-    onnx.FORMAT,
-    opencv.FORMAT,
-    tflite.FORMAT,
-    coreml.FORMAT,
-    executorch.FORMAT,
-    openvino.FORMAT,
-    ncnn.FORMAT,
+# In this order in the CLI, `ffexport info` and the README table; a suffix two formats share (.onnx) runs in
+# the first one's runtime unless --runtime names the other. (tests/test_formats.py reads this tuple to see
+# these imports in its import-cycle check.)
+MODULES = (
+    "pytorch",
+    "torchscript",
+    "qnn",  # before onnx: a .qnn.onnx is also a .onnx, and the first format a suffix matches runs it
+    "onnx",
+    "opencv",
+    "tflite",
+    "coreml",
+    "executorch",
+    "openvino",
+    "ncnn",
+    "rknn",
 )
+
+FORMATS: tuple[Format, ...] = tuple(import_module(f".{m}", __name__).FORMAT for m in MODULES)
 
 
 def get(name: str) -> Format:

@@ -5,9 +5,11 @@ else — the CLI commands and their choices, `load_runner`, detect/parity/eval, 
 the README's format table — reads that list, so adding a format is one module, one line in `FORMATS`
 and one extra in setup.cfg. This module imports nothing of the formats (no import cycles).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
+
+from ..errors import FFExportError
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ class ExportOptions:
     extra: dict = field(default_factory=dict)  # the format's own `Option`s by name
 
 
+def image_input_needs_nms(opts) -> str | None:
+    """A rule of the formats whose uint8 image input exists only in their end-to-end (--nms) graph."""
+    if opts.image_input and not opts.nms:
+        return "--image-input comes with --nms for this format: add --nms (ONNX also takes it alone)"
+    return None
+
+
 def _no_reason():
     return None
 
@@ -73,6 +82,7 @@ class Format:
     extra: str | None = None         # pip extra in setup.cfg ("ffexport[<extra>]"); None: core install
     available: Callable = _no_reason  # () -> None if it exports here, else "<why>: <fix>"
     runnable: Callable = _no_reason   # () -> None if its runner runs here, else "<why>: <fix>"
+    timeable: Callable = _no_reason   # () -> None if timing its runner here times the runtime (not a reference evaluator)
     options: tuple = ()              # format-specific `Option`s
     files: Callable = lambda path: [Path(path)]  # every file/folder an artifact at `path` consists of
     own_folder: Callable | None = None  # folder artifacts (.mlpackage): is an existing folder this format's own?
@@ -82,6 +92,46 @@ class Format:
     image_input: bool = False        # supports --image-input
     arm: bool = False                # has an aarch64 runner (bench target "<target>-arm")
     export_as: str | None = None     # use another format's export (a runtime for the same file)
+    rules: tuple = ()                # (opts) -> None or "<problem>: <fix>": checked before any work
+    packages: tuple = ()             # pip distributions whose versions a measurement records
+    reference: bool = False          # the model every artifact is compared with (PyTorch), not an export
+    runs_on: str = ""                 # where its runner runs, static (README table; `ffexport info`: here)
+
+    def resolve(self, opts: "ExportOptions", src: "Format | None" = None) -> "ExportOptions":
+        """`opts` with this format's defaults filled; an FFExportError naming the choices for anything it
+        cannot do. `src` is the format whose export writes the files (a runtime such as opencv: onnx's)."""
+        def choose(value, choices, what):
+            if value is None:
+                return choices[0] if choices else None
+            if value not in choices:
+                raise FFExportError(f"{what} {value} is not available for {self.name}: use "
+                                    f"{', '.join(map(str, choices)) or 'none'}")
+            return value
+
+        src = src or self
+        opts = replace(opts, precision=choose(opts.precision, self.precisions, "--precision"),
+                       dcn=choose(opts.dcn, self.dcn_forms, "--dcn"))
+        if opts.quantize is not None:
+            choose(opts.quantize, src.quantize, "--quantize")
+        if opts.dynamic and not src.dynamic:
+            raise FFExportError(f"--dynamic is not available for {self.name} (fixed input size): drop --dynamic")
+        if opts.nms and not src.nms:
+            raise FFExportError(f"--nms is not available for {self.name} yet: export without --nms and use "
+                                f"models.postprocess.detect on its raw outputs")
+        if opts.image_input and not src.image_input:
+            raise FFExportError(f"--image-input is not available for {self.name}: drop it")
+        if opts.calib_size < 1:
+            raise FFExportError(f"--calib-size {opts.calib_size} must be a positive number of images")
+        extra = {o.name: o.default for o in src.options}
+        unknown = set(opts.extra) - set(extra)
+        if unknown:
+            raise FFExportError(f"{', '.join(sorted(unknown))} is not an option of {self.name}")
+        opts = replace(opts, extra={**extra, **opts.extra})
+        for rule in src.rules:
+            problem = rule(opts)
+            if problem:
+                raise FFExportError(problem)
+        return opts
 
     @property
     def default_dcn(self):

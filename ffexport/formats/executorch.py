@@ -14,7 +14,7 @@ from ..errors import FFExportError
 from ..log import quiet
 from ..meta import artifact_metadata
 from ..runner import Runner
-from .base import Format
+from .base import Format, image_input_needs_nms
 
 
 EXECUTORCH_FIX = "pip install 'executorch>=1.4,<1.6' 'torch==2.13.0' (the releases validated with torch 2.13)"
@@ -62,7 +62,7 @@ def executorch_export(model, name, out, input_size=(640, 640), dcn="rows", sampl
         def call(self, ep):
             return ExportedProgramPassResult(constant_prop_pass(ep), True)
 
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
     meta = artifact_metadata(model, name, input_size, dcn, runtime="executorch (xnnpack)", **(extra_meta or {}))
     sample = torch.zeros(1, 3, *input_size) if sample is None else sample
@@ -136,14 +136,14 @@ class ExecuTorchRunner(Runner):
         return outs
 
 
-def _wrapped(model, opts, name, out):
+def _export(model, name, out, opts):
     net, x, meta = for_export(model, opts)
-    return net, name, out, opts.input_size, opts.dcn, x, meta
+    return executorch_export(net, name, out, opts.input_size, opts.dcn, x, meta)
 
 
 FORMAT = Format(
-    name="executorch", description="ExecuTorch .pte delegated to XNNPACK (PyTorch's on-device runtime), fp32",
+    name="executorch", runs_on="XNNPACK", packages=("torch", "executorch"), description="ExecuTorch .pte delegated to XNNPACK (PyTorch's on-device runtime), fp32",
     suffixes=(".pte",), dcn_forms=("rows", "grid", "gather", "plain", "fold"), extra="executorch",
-    export=lambda model, name, out, opts: executorch_export(*_wrapped(model, opts, name, out)),
+    export=_export,
     runner=lambda path, threads=None: ExecuTorchRunner(path, threads),
-    available=executorch_available, runnable=executorch_available, nms=True, image_input=True)
+    available=executorch_available, runnable=executorch_available, nms=True, image_input=True, rules=(image_input_needs_nms,))

@@ -74,7 +74,7 @@ def _torchvision_op():
         return _OP
     except Exception:
         pass
-    from models.dcn import deform_conv2d
+    from ffexport.models.dcn import deform_conv2d
 
     # pnnx reads the op's arguments by name: the schema is torchvision's, parameter names included.
     @torch.library.custom_op("torchvision::deform_conv2d", mutates_args=())
@@ -93,7 +93,7 @@ def _pnnx_model(model):
     import torch
     import torch.nn as nn
 
-    from models.dcn import DeformableConv2d
+    from ffexport.models.dcn import DeformableConv2d
 
     op = _torchvision_op()
 
@@ -187,15 +187,7 @@ def export_ncnn(model, name, out, opts) -> dict:
         raise FFExportError(reason)
     import torch
 
-    if opts.dynamic:
-        raise FFExportError("ncnn exports a fixed input size here: drop --dynamic (pass --size H W instead)")
-    if opts.dcn not in (None, "native"):
-        raise FFExportError(f"ncnn runs the deformable conv natively: --dcn {opts.dcn} is not offered, drop --dcn")
-    precision = opts.precision or PRECISIONS[0]
-    if precision not in PRECISIONS:
-        raise FFExportError(f"unknown ncnn precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if opts.quantize or opts.nms or opts.image_input:
-        raise FFExportError("ncnn artifacts are float with raw outputs: drop --quantize/--nms/--image-input")
+    precision = opts.precision or PRECISIONS[0]  # the options were checked against FORMAT (exporter)
     size = tuple(opts.input_size)
     param_out, bin_out, json_out = files(out)
     traced_model, n_dcn = _pnnx_model(model)
@@ -277,9 +269,39 @@ class NcnnRunner(Runner):
         return tuple(outs)
 
 
+def arm_job(param: Path, inputs: dict):
+    """ffexport/arm.py's job for X.ncnn.param (its .bin and sidecar travel with it), and `inputs` keyed by
+    the .param's input blobs."""
+    from ..arm_job import ArmJob, ArmRuntime
+
+    _, weights, sidecar = files(param)
+    if not param.is_file() or not weights.is_file():
+        raise FFExportError(f"ncnn model {param} or its weights {weights.name} not found: pass the X.ncnn.param "
+                            "written by 'ffexport ncnn', with X.ncnn.bin beside it")
+    try:
+        info = parse_param(param)
+    except (OSError, ValueError, IndexError):
+        raise FFExportError(f"{param} is not an ncnn .param file: pass the X.ncnn.param written by "
+                            "'ffexport ncnn'") from None
+    if set(inputs) != set(info["inputs"]):
+        if len(inputs) != 1 or len(info["inputs"]) != 1:
+            raise FFExportError(f"{param} takes the input blobs {', '.join(info['inputs'])}, given "
+                                f"{', '.join(inputs)}: name the inputs by the .param's blobs")
+        inputs = {info["inputs"][0]: next(iter(inputs.values()))}
+    try:
+        precision = json.loads(sidecar.read_text()).get("precision", "fp32")
+    except (OSError, ValueError):
+        precision = "fp32"  # no sidecar: the strictest reading, full precision
+    return ArmJob(ArmRuntime("ncnn", "ncnn", False, FIX), param, [param, weights] + ([sidecar] if sidecar.is_file() else []),
+                weights=weights, outputs=info["outputs"], off=FP16_OPTIONS if precision == "fp32" else ()), inputs
+
+
+# Same layout as arm_runner.save/load: names in arr_0, tensors after.
+
+
 FORMAT = Format(
-    name="ncnn",
+    name="ncnn", runs_on="ncnn CPU", packages=("ncnn", "pnnx"),
     description="ncnn .param/.bin (pnnx from TorchScript), native DeformableConv2D; fp32 or fp16 weights",
     suffixes=(PARAM,), export=export_ncnn, runner=lambda path, threads=None: NcnnRunner(path, threads),
-    dcn_forms=("native",), precisions=PRECISIONS, extra="ncnn", arm=True, available=available, runnable=runnable,
+    dcn_forms=("native",), precisions=PRECISIONS, extra="ncnn", arm=arm_job, available=available, runnable=runnable,
     files=files)

@@ -64,6 +64,6 @@ class OpenCVRunner(Runner):
 
 
 FORMAT = Format(
-    name="opencv", description="OpenCV DNN running an ONNX file exported with --dcn grid (cv2.dnn, CPU)",
+    name="opencv", runs_on="OpenCV DNN CPU", packages=("opencv-python-headless",), description="OpenCV DNN running an ONNX file exported with --dcn grid (cv2.dnn, CPU)",
     suffixes=(".onnx",), export=None, export_as="onnx", dcn_forms=("grid",),
     runner=lambda path, threads=None: OpenCVRunner(path, threads))

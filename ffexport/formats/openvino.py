@@ -68,23 +68,11 @@ def _deform_conv(node):
     return [y.output(0)]
 
 
-def _check(opts):
-    if opts.dynamic:
-        raise FFExportError("openvino exports a fixed input size: drop --dynamic (pass --size H W instead)")
-    if opts.dcn not in (None, "native", "fold"):
-        raise FFExportError(f"openvino runs the deformable conv natively: --dcn {opts.dcn} is not offered, "
-                            f"use native (default) or fold")
-    precision = opts.precision or PRECISIONS[0]
-    if precision not in PRECISIONS:
-        raise FFExportError(f"unknown OpenVINO precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if opts.quantize not in (None, "int8"):
-        raise FFExportError(f"openvino offers --quantize int8 only, got {opts.quantize!r}")
-    if opts.quantize and precision != "f32":
-        raise FFExportError(f"--quantize int8 runs its float layers (the deformable convs) in f32: drop "
-                            f"--precision {precision}")
-    if opts.nms or opts.image_input:
-        raise FFExportError("openvino artifacts take the raw tensor and return raw outputs: drop --nms/--image-input")
-    return precision
+def _int8_runs_float_in_f32(opts) -> str | None:
+    if opts.quantize and opts.precision not in (None, "f32"):
+        return (f"--quantize int8 runs its float layers (the deformable convs) in f32: drop "
+                f"--precision {opts.precision}")
+    return None
 
 
 def _convert(model, name, tmp, size, dcn="native"):
@@ -104,7 +92,7 @@ def _quantize(ov_model, opts, size):
     """NNCF int8 on WIDER FACE calibration images; returns (model, calibration note)."""
     import nncf
 
-    import calibration
+    from ffexport import calibration
 
     root = calibration.find_widerface(opts.calib)
     batch = calibration.load_batch(root, opts.calib_size, size)
@@ -128,7 +116,7 @@ def export_openvino(model, name, out, opts) -> dict:
         raise FFExportError(reason)
     import openvino as ov
 
-    precision = _check(opts)
+    precision = opts.precision or PRECISIONS[0]  # the options were checked against FORMAT (exporter)
     size = tuple(opts.input_size)
     with tempfile.TemporaryDirectory(prefix="ffexport-openvino-") as tmp:
         ov_model = _convert(model, name, tmp, size, opts.dcn or "native")
@@ -229,8 +217,8 @@ class OpenVINORunner(Runner):
 
 
 FORMAT = Format(
-    name="openvino",
+    name="openvino", runs_on="OpenVINO CPU", packages=("openvino", "nncf"),
     description="OpenVINO IR (.xml + .bin), native DeformableConvolution; f32, bf16, f16 or int8 (NNCF)",
     suffixes=(".xml",), export=export_openvino, runner=lambda path, threads=None: OpenVINORunner(path, threads),
     dcn_forms=("native", "fold"), precisions=PRECISIONS, quantize=("int8",), extra="openvino", available=available,
-    runnable=runnable, files=files)
+    runnable=runnable, files=files, rules=(_int8_runs_float_in_f32,))

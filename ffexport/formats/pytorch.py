@@ -20,6 +20,16 @@ class TorchRunner(Runner):
             return tuple(t.numpy() for t in self.module(torch.from_numpy(x)))
 
 
-# The reference has no file of its own: a .pth checkpoint is loaded by `ffexport.runtime.load_runner`.
-FORMAT = Format(name="torch", description="PyTorch eager (the reference every artifact is compared with)",
-                suffixes=(".pth",), export=None, runner=None, dcn_forms=("grid", "gather", "rows", "plain"))
+def checkpoint_runner(path, threads=None, model=None, dcn="grid") -> TorchRunner:
+    """The reference for model `model` (its weights resolved by name unless `path` is given), or for a .pth
+    checkpoint given as an artifact (model None: V1 or V2, told from its keys)."""
+    from ..weights import load_model, read_state_dict, which_model
+
+    if model is None:
+        model = (which_model(read_state_dict(path)) if path is not None else None) or "v2"
+    return TorchRunner(load_model(model, path, dcn=dcn), model, threads)
+
+
+FORMAT = Format(name="torch", runs_on="PyTorch CPU", packages=("torch",), description="PyTorch eager (the reference every artifact is compared with)",
+                suffixes=(".pth",), export=None, runner=checkpoint_runner, reference=True,
+                dcn_forms=("grid", "gather", "rows", "plain"))

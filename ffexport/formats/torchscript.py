@@ -13,17 +13,16 @@ import torch
 from ..cache import atomic_output
 from ..errors import FFExportError
 from ..meta import artifact_metadata
-from .base import Format
+from .base import ExportOptions, Format, image_input_needs_nms
 from ..e2e import detections_from_outputs, for_export, image_from_tensor, runner_io
 from .pytorch import TorchRunner
 
 
 def export_torchscript(model, name, out, input_size=(640, 640), dcn="grid", dummy=None, extra_meta=None):
     """Trace `model` (FeatherFace, or its end-to-end wrapper with `dummy` its sample input) to `out`."""
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
-    if dcn not in FORMAT.dcn_forms:
-        raise FFExportError(f"--dcn {dcn} is not available for TorchScript: use {', '.join(FORMAT.dcn_forms)}")
+    FORMAT.resolve(ExportOptions(dcn=dcn))  # called directly too, not only via the exporter
     dummy = torch.zeros(1, 3, *input_size) if dummy is None else dummy
     with dcn_form(model, dcn), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # shape-derived Python ints (same-padding) are constants by design
@@ -75,6 +74,6 @@ def _export(model, name, out, opts):
 
 
 FORMAT = Format(
-    name="torchscript", description="TorchScript, traced and frozen; loads with plain torch.jit.load",
+    name="torchscript", runs_on="PyTorch CPU", packages=("torch",), description="TorchScript, traced and frozen; loads with plain torch.jit.load",
     suffixes=(".pt", ".torchscript"), runner=lambda path, threads=None: TorchScriptRunner(path, threads),
-    export=_export, dcn_forms=("grid", "gather"), nms=True, image_input=True)
+    export=_export, dcn_forms=("grid", "gather"), nms=True, image_input=True, rules=(image_input_needs_nms,))

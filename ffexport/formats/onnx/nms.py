@@ -19,10 +19,10 @@ pair and IoU is the same with both axes swapped. The top `PRE_NMS_TOP_K` scores 
 """
 import numpy as np
 
-from models.postprocess import VARIANCES, priors
-from models.preprocess import MEAN_BGR
+from ffexport.models.postprocess import VARIANCES, priors
+from ffexport.models.preprocess import MEAN_BGR
 
-from .formats.base import NmsOptions
+from ..base import NmsOptions
 
 PRE_NMS_TOP_K = 5000  # = models.postprocess.detect's pre_nms_top_k
 THRESHOLD_INPUTS = ("conf_threshold", "iou_threshold", "max_det")

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import atomic_output
-from ..errors import FFExportError
-from ..log import log, quiet
-from ..meta import artifact_metadata
-from .base import Format, Option
-from ..runner import OUTPUTS, Runner
+from ...cache import atomic_output
+from ...errors import FFExportError
+from ...log import log, quiet
+from ...meta import artifact_metadata
+from ..base import Format, Option
+from ...runner import OUTPUTS, Runner
 
 MIN_OPSET, MAX_OPSET = 16, 20  # GridSample needs 16; DeformConv needs 19
 OUTPUT_NAMES = ["loc", "conf", "landmarks"]
@@ -104,7 +104,7 @@ def export_onnx(model, name, out, input_size=(640, 640), dynamic=False, opset=19
     """Export `model` (a loaded FeatherFace) to `out`; returns the ONNX ModelProto written."""
     import onnx
 
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise FFExportError(f"unsupported --opset {opset}: use {MIN_OPSET}..{MAX_OPSET} (19 recommended)")
@@ -160,15 +160,25 @@ class OnnxRunner(Runner):
             self.multiple = 32
         self.feeds = {}
 
-    def configure(self, conf=None, iou=None, max_det=None):
+    def configure(self, conf=None, iou=None, max_det=None) -> dict:
         # The thresholds of an --nms file are inputs with defaults: a caller (eval at conf 0.02) overrides them.
-        for name, value, dtype in (("conf_threshold", conf, np.float32), ("iou_threshold", iou, np.float32),
-                                   ("max_det", max_det, np.int64)):
-            if self.end_to_end and value is not None:
+        if not self.end_to_end:
+            return super().configure(conf, iou, max_det)
+        from ...e2e import baked_thresholds
+
+        applied = baked_thresholds(self.meta)
+        for key, name, value, dtype in (("conf", "conf_threshold", conf, np.float32),
+                                        ("iou", "iou_threshold", iou, np.float32),
+                                        ("max_det", "max_det", max_det, np.int64)):
+            if value is not None:
                 self.feeds[name] = np.array(value, dtype)
+            if name in self.feeds:
+                applied[key] = self.feeds[name].item()
+        self.applied = applied
+        return applied
 
     def __call__(self, x):
-        from ..e2e import detections_from_outputs, image_from_tensor
+        from ...e2e import detections_from_outputs, image_from_tensor
 
         feed = image_from_tensor(x) if self.image_input else x
         out = self.session.run(None, {self.input_name: feed, **self.feeds})
@@ -179,13 +189,20 @@ def _export(model, name, out, opts):
     x = opts.extra
     import onnx
 
+    if x.get("recipe", "cpu") == "npu" and opts.quantize != "int8":
+        raise FFExportError("--recipe npu is an int8 recipe: add --quantize int8")
     if opts.quantize:
-        from ..quantize import quantize_onnx
+        from .quantize import quantize_onnx
 
         fp32 = out.with_name("fp32-" + out.name)
         proto = export_onnx(model, name, fp32, opts.input_size, opts.dynamic, x["opset"], opts.dcn, x["simplify"])
-        extra = quantize_onnx(fp32, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size,
-                              x["calib_method"], x["per_channel"], x["target_db"])
+        if x.get("recipe", "cpu") == "npu":
+            from .npu_int8 import quantize_npu
+
+            extra = quantize_npu(fp32, out, opts.input_size, opts.calib, opts.calib_size)
+        else:
+            extra = quantize_onnx(fp32, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size,
+                                  x["calib_method"], x["per_channel"], x["target_db"])
         fp32.unlink()
         q = onnx.load(str(out))
         set_metadata(q, {**{p.key: p.value for p in proto.metadata_props}, **extra})
@@ -193,7 +210,7 @@ def _export(model, name, out, opts):
     else:
         export_onnx(model, name, out, opts.input_size, opts.dynamic, x["opset"], opts.dcn, x["simplify"])
 
-    from .opencv import opens_in_opencv
+    from ..opencv import opens_in_opencv
 
     proto = onnx.load(str(out))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -210,8 +227,8 @@ def _export(model, name, out, opts):
 
 def _end_to_end(proto, meta, opts):
     """Decoding + NMS (--nms) and/or the uint8 RGB input (--image-input) appended to the exported graph."""
-    from ..e2e import e2e_metadata
-    from ..nms_onnx import add_postprocess, prepend_image_input
+    from ...e2e import e2e_metadata
+    from .nms import add_postprocess, prepend_image_input
 
     if opts.dynamic:
         raise FFExportError("--nms/--image-input need a fixed input size (the priors are constants): drop --dynamic")
@@ -224,11 +241,20 @@ def _end_to_end(proto, meta, opts):
     return proto
 
 
+def arm_job(model: Path, inputs: dict):
+    """ffexport/arm.py's job for an .onnx: the file alone, onnxruntime's aarch64 build."""
+    from ...arm_job import ONNXRUNTIME, ArmJob
+
+    if not model.is_file():
+        raise FFExportError(f"ONNX model {model} not found: export it first or fix the path")
+    return ArmJob(ONNXRUNTIME, model, [model]), inputs
+
+
 FORMAT = Format(
-    name="onnx", target="onnxruntime",
+    name="onnx", runs_on="onnxruntime CPU", packages=("onnx", "onnxruntime", "onnxsim"), target="onnxruntime",
     description="ONNX (opset 19, simplified), run with onnxruntime; fp32, fp16 or int8 (QDQ, calibrated)",
     suffixes=(".onnx",), export=_export, runner=lambda path, threads=None: OnnxRunner(path, threads),
-    dcn_forms=("auto", "native", "grid", "gather", "rows", "fold"), quantize=("int8", "fp16"), dynamic=True, arm=True,
+    dcn_forms=("auto", "native", "grid", "gather", "rows", "fold"), quantize=("int8", "fp16"), dynamic=True, arm=arm_job,
     nms=True, image_input=True,
     options=(
         Option("opset", 19, f"ONNX opset {MIN_OPSET}..{MAX_OPSET} (DeformConv needs 19).", int),
@@ -236,7 +262,11 @@ FORMAT = Format(
                flag="--simplify/--no-simplify"),
         Option("calib_method", "percentile", "int8 calibration method.", str, ("minmax", "entropy", "percentile")),
         Option("per_channel", True, "int8 weight granularity.", bool, flag="--per-channel/--per-tensor"),
+        Option("recipe", "cpu", "int8 recipe: cpu (int8 where onnxruntime-CPU gains, sensitive convs float) or npu "
+                                "(every conv int8 weights via AIMET, 16-bit activations only for DCN offsets, heads "
+                                "and the measured most sensitive convs; docs/quantization-npu.md).",
+               str, ("cpu", "npu")),
         Option("target_db", 50.0, "int8: keep the worst convs float until the conf output reaches this SQNR on "
-                                  "calibration images (lower: more int8, less faithful; see README).", float,
+                                  "calibration images (lower: more int8, less faithful; see docs/quantization.md).", float,
                min=0, max=200),
     ))

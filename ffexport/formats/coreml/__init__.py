@@ -5,9 +5,13 @@ an int/float `inverse` type error). The input is a Core ML image (BGR, bias -104
 so an app feeds a CVPixelBuffer directly; `input_type="tensor"` gives the raw NCHW tensor instead.
 Outputs are float32 `loc`, `conf`, `landmarks`, exactly the ONNX contract.
 
-Core ML runs only on macOS. Off macOS the package is converted and checked structurally
-(inspect_coreml); running it raises RuntimeUnavailable (exit status 3), never a parity that was not
-measured. Activation quantization calibrates by running the model, so it too happens only on macOS.
+--nms puts decoding, NMS and the landmark gather in the program (coreml/nms.py): outputs boxes, scores,
+landmarks, count, the padded end-to-end contract of ffexport/e2e.py.
+
+Core ML runs only on macOS. Off macOS the runner is ffexport's MIL reference evaluator (coreml/mil.py): the
+package's own program, loaded back with coremltools' milproto loader and evaluated op by op; its numbers
+are labelled "MIL reference evaluation" (graph semantics, not Apple's kernels). Activation quantization
+calibrates by running the model with Core ML, so it happens only on macOS.
 """
 import logging
 import sys
@@ -18,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocess import MEAN_BGR
+from ffexport.models.preprocess import MEAN_BGR
 
-from ..cache import atomic_output
-from ..errors import FFExportError, RuntimeUnavailable
-from ..log import log, quiet
-from ..meta import artifact_metadata
-from ..runner import OUTPUTS, Runner
-from .base import Format, Option
+from ...cache import atomic_output
+from ...errors import FFExportError
+from ...log import log, quiet
+from ...meta import artifact_metadata
+from ...runner import OUTPUTS, Runner
+from ..base import Format, Option
 
 MEAN_BIAS = [-m for m in MEAN_BGR]
 PRECISIONS = ("fp16", "fp32")
@@ -82,7 +86,7 @@ def _check_args(out, input_size, precision, quantize, input_type, dcn, calib_siz
 def _export_program(model, dcn, shape):
     import torch
 
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
     with dcn_form(model, dcn), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -113,10 +117,35 @@ def _feeds_integer_index(op) -> bool:
     return False
 
 
+# Ops that carry a sampling coordinate unchanged in value into resample's `coordinates`.
+_COORD_MATH = _INDEX_MATH | {"stack", "concat", "reshape", "transpose", "expand_dims", "squeeze", "slice_by_index"}
+
+
+def _feeds_coordinates(op) -> bool:
+    """True if `op`'s result flows, through arithmetic and reshaping only, into the coordinates of a resample
+    (the grid DCN's grid_sample). Those stay fp32: fp16 resolves [-1, 1] coordinates only to 2^-11, 0.04 px
+    on the 80-wide level of a 640x640 input, which moved conf by 4e-2 (twice the fp16 parity row)."""
+    stack, seen = [op], set()
+    while stack:
+        for out in stack.pop().outputs:
+            for child in out.child_ops:
+                if child.op_type == "resample" and child.coordinates is out:
+                    return True
+                if child.op_type in _COORD_MATH and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    return False
+
+
 def _compute_precision(ct, precision):
+    from .nms import PREFIX
+
     if precision == "fp32":
         return ct.precision.FLOAT32
-    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not _feeds_integer_index(op))
+    # The --nms post-processing (ops named PREFIX) stays fp32: pixel coordinates need it (coreml/nms.py).
+    return ct.transform.FP16ComputePrecision(
+        op_selector=lambda op: not op.name.startswith(PREFIX) and not _feeds_integer_index(op)
+        and not _feeds_coordinates(op))
 
 
 def _to_pil(x):
@@ -129,7 +158,7 @@ def _to_pil(x):
 
 def _quantize_activations(mlmodel, calib, calib_size, size, input_type):
     """W8A8 on macOS: calibrate activation ranges by running the fp model on WIDER FACE images (predict)."""
-    from calibration import find_widerface, load_batch
+    from ffexport.calibration import find_widerface, load_batch
     from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
                                              linear_quantize_activations)
 
@@ -144,7 +173,7 @@ def _quantize_activations(mlmodel, calib, calib_size, size, input_type):
 
 
 def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", quantize=None, calib=None,
-                  calib_size=100, input_type="image", dcn="grid") -> None:
+                  calib_size=100, input_type="image", dcn="grid", nms=None) -> None:
     """Write `out` (.mlpackage): an ML Program with input `input` and float32 outputs loc/conf/landmarks.
 
     quantize="int8": per-channel linear (symmetric) int8 for every weight tensor above coremltools'
@@ -152,6 +181,9 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
     also int8 activations calibrated on `calib_size` WIDER FACE images (which raises the minimum target
     to iOS 17/macOS 14, the first with activation quantize ops). Off macOS activation calibration cannot run (it needs
     Core ML predict): the weights are int8 and the activations stay fp16/fp32, and a note says so.
+
+    nms (NmsOptions): decoding, threshold, NMS and landmarks in the program (coreml/nms.py); the outputs are
+    then boxes, scores, landmarks, count: the padded end-to-end contract of ffexport/e2e.py.
     """
     h, w = _check_args(out, input_size, precision, quantize, input_type, dcn, calib_size)
     ct = _ct()
@@ -165,7 +197,13 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
     shape = (1, 3, h, w)
     t0 = time.time()
     log(f"exporting FeatherFace {name.upper()} {h}x{w} (dcn={dcn}) with torch.export...")
-    ep = _export_program(model, dcn, shape)
+    net = model
+    if nms is not None:
+        from .nms import Detector, register
+
+        register()
+        net = Detector(model, (h, w), nms)
+    ep = _export_program(net, dcn, shape)
     log(f"  torch.export: {time.time() - t0:.1f} s")
 
     user_input = next(s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT")
@@ -174,7 +212,10 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
                                scale=1.0)]
     else:
         inputs = [ct.TensorType(name=user_input, shape=shape, dtype=np.float32)]
-    outputs = [ct.TensorType(name=o, dtype=np.float32) for o in OUTPUTS]
+    from .nms import OUTPUTS as E2E_OUTPUTS
+
+    names = E2E_OUTPUTS if nms is not None else OUTPUTS
+    outputs = [ct.TensorType(name=o, dtype=np.int32 if o == "count" else np.float32) for o in names]
     target = ct.target.iOS17 if activations else ct.target.iOS16
     t = time.time()
     log(f"converting to a Core ML ML Program ({precision}, {input_type} input, minimum target "
@@ -190,8 +231,8 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
     if spec.description.input[0].name != "input":
         ct.utils.rename_feature(spec, spec.description.input[0].name, "input")
     got = [o.name for o in spec.description.output]
-    if got != list(OUTPUTS):  # a coremltools that ignores output names: rename by position
-        for old, new in zip(got, OUTPUTS):
+    if got != list(names):  # a coremltools that ignores output names: rename by position
+        for old, new in zip(got, names):
             ct.utils.rename_feature(spec, old, new)
     mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=not ON_MACOS)
 
@@ -212,20 +253,33 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
 
     meta = artifact_metadata(model, name, (h, w), dcn, quantization=quant_note, precision=precision,
                              input_type=input_type, minimum_target=TARGETS[mlmodel.get_spec().specificationVersion])
+    if nms is not None:
+        from ...e2e import e2e_metadata
+
+        meta.update(e2e_metadata(nms, False, (h, w), padded=True))
+        if input_type == "image":
+            meta["input_format"] = "Core ML image (CVPixelBuffer) BGR 0..255; the program subtracts (104, 117, 123)"
     mlmodel.user_defined_metadata.update(meta)
     mlmodel.author = "ffexport"
     mlmodel.license = LICENSE
     mlmodel.version = meta["ffexport_version"]
     mlmodel.short_description = (
         f"FeatherFace {name.upper()} face detector ({h}x{w}, {precision}"
-        f"{', ' + quant_note if quantize else ''}): loc (1,N,4), conf (1,N,2) softmaxed, landmarks (1,N,10) "
-        f"in prior order; decode with the priors in the metadata")
+        f"{', ' + quant_note if quantize else ''}): " + (
+            f"boxes, scores, landmarks of at most {nms.max_det} faces (conf > {nms.conf:g}, NMS IoU {nms.iou:g}) "
+            f"in input pixels, count valid rows" if nms is not None else
+            "loc (1,N,4), conf (1,N,2) softmaxed, landmarks (1,N,10) in prior order; decode with the priors in "
+            "the metadata"))
     mlmodel.input_description["input"] = (
         f"{w}x{h} BGR image (letterboxed, top-left aligned); the model subtracts the mean (104,117,123)"
         if input_type == "image" else f"float32 (1,3,{h},{w}) BGR NCHW minus the mean (104,117,123), no scaling")
-    for o, d in zip(OUTPUTS, ("box regression against the priors (variances 0.1, 0.2)",
-                              "background/face probabilities (softmaxed)",
-                              "5 landmark (x,y) offsets against the priors")):
+    descriptions = (("box regression against the priors (variances 0.1, 0.2)",
+                     "background/face probabilities (softmaxed)", "5 landmark (x,y) offsets against the priors")
+                    if nms is None else
+                    (f"({nms.max_det}, 4) x1, y1, x2, y2 in input pixels, descending score, zero past count",
+                     f"({nms.max_det},) face probability", f"({nms.max_det}, 10) 5 landmark x, y pairs in input pixels",
+                     "(1,) int32: how many rows are faces"))
+    for o, d in zip(names, descriptions):
         mlmodel.output_description[o] = d
     with atomic_output(out) as tmp:
         mlmodel.save(str(tmp))
@@ -371,28 +425,50 @@ def inspect_coreml(path) -> dict:
 
 
 class CoreMLRunner(Runner):
+    """On macOS Core ML itself (predict); elsewhere ffexport's MIL reference evaluator (coreml/mil.py) runs the
+    package's own program, and `kind`/`evaluation` say so in every detect/parity/eval output."""
+
     kind = "coreml"
+    evaluation = ""
 
     def __init__(self, path):
-        if not ON_MACOS:
-            raise RuntimeUnavailable(f"{path}: Core ML models run only on macOS; here it can be converted and "
-                                     f"checked (ffexport coreml), not run — no parity was measured")
         ct = _ct()
         self.path = Path(path)
         try:
-            self.mlmodel = ct.models.MLModel(str(path))
+            self.mlmodel = ct.models.MLModel(str(path), skip_model_load=not ON_MACOS)
         except Exception as e:
-            raise FFExportError(f"{path} is not a Core ML model this Mac can load ({str(e).splitlines()[0][:160]}): "
-                                f"re-export it with 'ffexport coreml'") from None
-        meta = self.mlmodel.user_defined_metadata
+            raise FFExportError(f"{path} is not a Core ML model {'this Mac' if ON_MACOS else 'coremltools'} can load "
+                                f"({str(e).splitlines()[0][:160]}): re-export it with 'ffexport coreml'") from None
+        meta = dict(self.mlmodel.user_defined_metadata)
+        self.meta = meta
         self.model = meta.get("model")
         quantized = meta.get("quantization", "none").startswith("int8")
         self.precision = "int8" if quantized else meta.get("precision", "fp16")
         self.input_size = tuple(int(v) for v in meta["input_size"].split("x"))
         self.image_input = meta.get("input_type", "image") == "image"
+        self.end_to_end = meta.get("nms") == "in-graph"
+        if not ON_MACOS:
+            from .mil import LABEL, Program
+
+            self.program = Program(self.mlmodel)
+            self.kind, self.evaluation = "coreml (MIL reference evaluation)", LABEL
+
+    def describe(self):
+        return super().describe() + (f" — {self.evaluation}" if self.evaluation else "")
 
     def __call__(self, x):
-        out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
+        if ON_MACOS:
+            out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
+        else:
+            # An image input is the pixels themselves (the program subtracts the mean): exact for letterboxed
+            # uint8 photos, as _to_pil's rounding is on macOS.
+            feed = (np.clip(np.rint(x + np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)), 0, 255)
+                    if self.image_input else x)
+            out = self.program(input=np.asarray(feed, np.float32))
+        if self.end_to_end:
+            from ...e2e import detections_from_outputs
+
+            return detections_from_outputs(out)
         return tuple(np.asarray(out[k], np.float32) for k in OUTPUTS)
 
 
@@ -413,17 +489,23 @@ def _available():
 
 
 def _runnable():
-    if not ON_MACOS:
-        return "Core ML runs only on macOS: convert here with 'ffexport coreml', run and time it on a Mac"
+    # Off macOS the runner is the MIL reference evaluator (coreml/mil.py): it needs coremltools only.
     return _available()
 
 
+def _timeable():
+    if not ON_MACOS:  # the evaluator's speed says nothing about Core ML's
+        return "Core ML runs only on macOS (here the MIL reference evaluator checks numbers, not speed): time it on a Mac"
+    return None
+
+
 FORMAT = Format(
-    name="coreml", description="Core ML ML Program (iOS 16+/macOS 13+), image input; fp16/fp32, int8 weights",
+    name="coreml", runs_on="macOS only (converts anywhere)", packages=("coremltools",), description="Core ML ML Program (iOS 16+/macOS 13+), image input; fp16/fp32, int8 weights",
     suffixes=(".mlpackage",), dcn_forms=DCN_FORMS, precisions=PRECISIONS, quantize=("int8",), extra="coreml",
     export=lambda model, name, out, opts: export_coreml(model, name, out, opts.input_size, opts.precision,
                                                         opts.quantize, opts.calib, opts.calib_size,
-                                                        opts.extra["input_type"], opts.dcn),
+                                                        opts.extra["input_type"], opts.dcn, opts.nms),
     runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable, own_folder=is_package,
+    nms=True, timeable=_timeable,
     options=(Option("input_type", "image", "image: a CVPixelBuffer (BGR, mean subtracted in the model); "
                                            "tensor: float NCHW.", str, INPUT_TYPES),))

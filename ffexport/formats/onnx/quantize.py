@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FFExportError
-from .log import log, quiet
-from .parity import sqnr_db
+from ...errors import FFExportError
+from ...log import log, quiet
+from ...measures import sqnr_db
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,17 @@ def output_sqnr(float_outs, quant_outs):
     return conf, min(loc)
 
 
+def db_text(value: float, target: float) -> str:
+    """`value` dB to one decimal, truncated (not rounded) when below `target`, so 49.96 reads 49.9 < 50,
+    never "50.0 dB < 50 dB"."""
+    import math
+
+    text = f"{value:.1f}"
+    if value < target and float(text) >= target:
+        text = f"{math.floor(value * 100) / 100:.2f}"
+    return text
+
+
 def plan_int8(pre_path, batch, quantize, target_db=50.0, max_rounds=8, step=6) -> Plan:
     """Quantize, measure where the signal is lost, keep the worst nodes in float, repeat until the
     calibration-set outputs reach `target_db` (conf SQNR) or `max_rounds` is spent."""
@@ -142,8 +153,9 @@ def plan_int8(pre_path, batch, quantize, target_db=50.0, max_rounds=8, step=6) -
         qpath = quantize(plan.int8)
         got = collect_activations(qpath, batch, list(dict.fromkeys(watch)))
         conf_db, loc_db = output_sqnr(ref_outs, list(zip(got["loc"], got["conf"])))
-        plan.rounds.append({"int8": len(plan.int8), "conf_sqnr_db": round(conf_db, 1), "loc_sqnr_db": round(loc_db, 1)})
-        log(f"  round {r}: {len(plan.int8)} int8 nodes -> conf SQNR {conf_db:.1f} dB, loc SQNR {loc_db:.1f} dB "
+        plan.rounds.append({"int8": len(plan.int8), "conf_sqnr_db": round(conf_db, 2), "loc_sqnr_db": round(loc_db, 1)})
+        log(f"  round {r}: {len(plan.int8)} int8 nodes -> conf SQNR {db_text(conf_db, target_db)} dB, "
+            f"loc SQNR {loc_db:.1f} dB "
             f"(target conf >= {target_db:g} dB)")
         if conf_db >= target_db or r == max_rounds:
             return plan
@@ -151,7 +163,8 @@ def plan_int8(pre_path, batch, quantize, target_db=50.0, max_rounds=8, step=6) -
         for name, lost in sorted(losses.items(), key=lambda kv: -kv[1])[:step]:
             plan.int8.remove(name)
             plan.floats[name] = (f"Conv: int8 loses {lost:.1f} dB of SQNR here, among the worst {step} in round {r} "
-                                 f"while outputs were {conf_db:.1f} dB < {target_db:g} dB (calibration images)")
+                                 f"while outputs were {db_text(conf_db, target_db)} dB < {target_db:g} dB "
+                                 f"(calibration images)")
     return plan
 
 
@@ -170,7 +183,7 @@ def report_plan(plan: Plan, verbose=False):
 # ---- drivers ----
 
 def _calibration_batch(calib, calib_size, size):
-    import calibration
+    from ffexport import calibration
 
     root = calibration.find_widerface(calib)
     return calibration.load_batch(root, calib_size, size), root
@@ -257,11 +270,17 @@ def calibrate(model_path, batch, method, cache, tmpdir, chunk=16):
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from tqdm import tqdm
 
-    cal = create_calibrator(Path(model_path), None, augmented_model_path=str(tmpdir / "augmented.onnx"),
-                            calibrate_method=method, extra_options={"percentile": 99.999})
+    # onnxruntime's calibrators print() progress ("Collecting tensor data...", "Number of histogram bins"):
+    # each call is quiet, our own bar stays visible between them.
+    with quiet("onnxruntime", "root"):
+        cal = create_calibrator(Path(model_path), None, augmented_model_path=str(tmpdir / "augmented.onnx"),
+                                calibrate_method=method, extra_options={"percentile": 99.999})
     for i in tqdm(range(0, len(batch), chunk), desc="calibrating", unit="chunk", disable=None):
-        cal.collect_data(_Reader(batch[i:i + chunk]))
-    save_tensors_data(cal.compute_data(), cache)
+        with quiet("onnxruntime", "root"):
+            cal.collect_data(_Reader(batch[i:i + chunk]))
+    with quiet("onnxruntime", "root"):
+        ranges = cal.compute_data()
+    save_tensors_data(ranges, cache)
 
 
 def _fp16(fp32, tmpdir):

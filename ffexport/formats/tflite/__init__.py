@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import atomic_output
-from ..errors import FFExportError
-from ..log import log, quiet
-from ..meta import artifact_metadata
-from ..runner import Runner
-from ..e2e import detections_from_outputs, for_export, image_from_tensor, name_outputs, runner_io
-from .base import Format, missing_modules
+from ...cache import atomic_output
+from ...errors import FFExportError
+from ...log import log, quiet
+from ...meta import artifact_metadata
+from ...runner import Runner
+from ...e2e import detections_from_outputs, for_export, image_from_tensor, name_outputs, runner_io
+from ..base import ExportOptions, Format, image_input_needs_nms, missing_modules
 
 META_KEY = "ffexport"
 DCN_FORMS = ("rows", "grid", "gather", "plain", "fold")
@@ -82,19 +82,17 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     `model` may be the end-to-end wrapper (ffexport.e2e.for_export), `sample` its example input."""
     import torch
 
-    from models.dcn import dcn_form
+    from ffexport.models.dcn import dcn_form
 
-    if dcn not in DCN_FORMS:
-        raise FFExportError(f"--dcn {dcn} is not available for TFLite (no deformable op): use {', '.join(DCN_FORMS)}")
-    if quantize not in (None, "int8", "fp16"):
-        raise FFExportError(f"unknown --quantize {quantize}: use int8 or fp16")
+    FORMAT.resolve(ExportOptions(dcn=dcn, quantize=quantize))  # called directly too, not only via the exporter
     with quiet("torch", "torchao", "absl"):  # torchao's "Failed to load ..." notes on import
         litert_torch = _need("litert_torch")
         if quantize:
             _need("ai_edge_quantizer.quantizer")
     t0 = time.time()
     h, w = input_size
-    log(f"1/3 converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
+    steps = 3 if quantize else 2  # numbered as they happen: an fp32 export has no quantization step
+    log(f"1/{steps} converting {name} with litert-torch (dcn={dcn}, {h}x{w}); about a minute at 640x640...")
     with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = Path(tmpdir) / "fp32.tflite"
         # A fold's layers kept exact use the rows form too: grid/gather lower to GATHER_ND here.
@@ -109,11 +107,11 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
         log(f"   converted in {time.time() - t0:.0f} s")
         path, extra = fp32, {}
         if quantize:
-            log(f"2/3 quantizing ({quantize}) with ai-edge-quantizer...")
+            log(f"2/{steps} quantizing ({quantize}) with ai-edge-quantizer...")
             with quiet("ai_edge_quantizer", "absl", "tensorflow"):
                 path, extra = _quantize(fp32, Path(tmpdir), quantize, input_size, calib, calib_size,
                                         image_input=sample is not None and sample.dtype == torch.uint8)
-        log("3/3 embedding metadata and writing")
+        log(f"{steps}/{steps} embedding metadata and writing")
         meta = artifact_metadata(model, name, input_size, dcn, quantization=quantize or "none", **extra,
                                  **(extra_meta or {}))
         embed_metadata(path, meta)
@@ -134,7 +132,7 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
         result = q.quantize()
         extra["fp16_note"] = "fp16 weights for CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED, fp32 compute"
     else:
-        import calibration
+        from ffexport import calibration
 
         root = calibration.find_widerface(calib)
         batch = calibration.load_batch(root, calib_size, size)
@@ -142,7 +140,7 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
             # The offset / modulator conv stays float: int8 sampling coordinates cost detections.
             regex = FLOAT_CONVS if op == Op.CONV_2D else ".*"
             q.add_static_config(regex=regex, operation_name=op, activation_num_bits=8, weight_num_bits=8)
-        from ..e2e import image_from_tensor
+        from ...e2e import image_from_tensor
 
         feed = (lambda x: image_from_tensor(x[None])) if image_input else (lambda x: x[None])
         result = q.quantize(q.calibrate({"serving_default": [{"args_0": feed(x)} for x in batch]}))
@@ -234,6 +232,10 @@ def _dequant(y, detail):
 
 
 def _export(model, name, out, opts):
+    if opts.nms:
+        from .nms import register_tflite_nms
+
+        register_tflite_nms()
     net, x, meta = for_export(model, opts, nms_op=True)  # TFLite's builtin NON_MAX_SUPPRESSION_V5
     return export_tflite(net, name, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size, opts.dcn,
                          x, meta)
@@ -252,8 +254,8 @@ def _runnable():
 
 
 FORMAT = Format(
-    name="tflite", description="TFLite flatbuffer (litert-torch), run with the LiteRT interpreter + XNNPACK; "
+    name="tflite", runs_on="LiteRT + XNNPACK", packages=("ai-edge-litert", "litert-torch", "ai-edge-quantizer"), description="TFLite flatbuffer (litert-torch), run with the LiteRT interpreter + XNNPACK; "
                                "fp32, fp16 weights or int8 (ai-edge-quantizer, calibrated)",
     suffixes=(".tflite",), export=_export, runner=lambda path, threads=None: TFLiteRunner(path, threads),
     dcn_forms=DCN_FORMS, quantize=("int8", "fp16"), extra="tflite", available=_available, runnable=_runnable,
-    nms=True, image_input=True)
+    nms=True, image_input=True, rules=(image_input_needs_nms,))

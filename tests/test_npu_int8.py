@@ -1,0 +1,91 @@
+"""--quantize int8 --recipe npu: AIMET (aimet-onnx) on the real V2 graph, real calibration images, onnxruntime."""
+import collections
+
+import onnx
+import pytest
+
+from conftest import PHOTOS
+from helpers import assert_one_line_error, run_cli
+
+aimet_onnx = pytest.importorskip("aimet_onnx", reason="pip install aimet-onnx==2.42.0  (or: pip install -e .[aimet])")
+
+from ffexport.formats.onnx import OnnxRunner, export_onnx  # noqa: E402
+from ffexport.formats.onnx import npu_int8  # noqa: E402
+
+SIZE = (160, 160)  # small enough for CI; the recorded study (benchmarks/npu_int8.py) is at 640x640
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, v2_model):
+    out = tmp_path_factory.mktemp("npu") / "v2_fp32.onnx"
+    export_onnx(v2_model, "v2", out, SIZE, False, 19, "native")
+    return out
+
+
+def test_dcn_coordinate_tensors_found_on_the_real_graph(fp32):
+    graph = onnx.load(str(fp32)).graph
+    coords = npu_int8.dcn_coordinate_tensors(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    convs = {producer[t].name for t in coords if t in producer and producer[t].op_type == "Conv"}
+    # V2 has 15 DCNs, each with one offset/mask conv; nothing outside those branches is picked up.
+    assert len(convs) == 15 and all("offset_mask" in c for c in convs), sorted(convs)
+
+
+@pytest.fixture(scope="module")
+def npu_file(fp32):
+    out = fp32.with_name("v2_npu.onnx")
+    # CLE + 16-bit DCN coordinates, no AdaRound: the test checks the plumbing, the study measures AdaRound.
+    meta = npu_int8.quantize_npu(fp32, out, SIZE, None, 4, steps=("cle", "dcn16"))
+    return out, meta
+
+
+@pytest.mark.slow
+def test_every_conv_quantized_and_the_rest_explained(npu_file):
+    path, meta = npu_file
+    proto = onnx.load(str(path))
+    table = npu_int8.precision_table(proto)
+    assert table["convs"] == 90
+    # Every conv has int8 weights: 75 w8a8, the 15 offset/mask convs w8a16, none float.
+    assert table["int8_convs"] == 75 and len(table["w8a16"]) == 15
+    assert all("offset_mask" in n for n in table["w8a16"])
+    conv_kinds = ("Conv", "Conv/depthwise", "Conv/rgb", "MatMul")
+    assert not [n for n, why in table["float"].items() if why.split(":")[0] in conv_kinds], table["float"]
+    whys = collections.Counter(why.split(":")[0] for why in table["float"].values())
+    assert whys["DeformConv"] == 15
+    assert meta["int8_recipe"] == "npu" and meta["int8_convs"] == "75/90" and "cle+dcn16" in meta["npu_steps"]
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["DequantizeLinear"] > 200
+
+
+@pytest.mark.slow
+def test_npu_file_runs_in_onnxruntime_close_to_fp32(npu_file, fp32):
+    from ffexport.images import read_image
+    from ffexport.models.preprocess import prepare
+    from ffexport.measures import sqnr_db
+
+    ref, got = OnnxRunner(fp32, threads=1), OnnxRunner(npu_file[0], threads=1)
+    assert got.precision == "int8"
+    x, _ = prepare(read_image(next(p for p in PHOTOS if p.name == "crowd.jpg")), SIZE, 32)
+    a, b = ref(x), got(x)
+    # Face scores of the all-int8 file stay near the float ones (the default recipe measured 44 dB here with 8
+    # calibration images); wrong encodings or a miswired graph land near 0 dB.
+    assert sqnr_db(a[1], b[1]) > 12
+
+
+def test_recipe_npu_needs_int8(tmp_path):
+    r = run_cli("onnx", "--recipe", "npu", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(r, "--recipe npu", "--quantize int8")
+
+
+@pytest.mark.slow
+def test_cli_recipe_npu_writes_an_all_int8_file(tmp_path):
+    out = tmp_path / "v2_npu.onnx"
+    r = run_cli("onnx", "--quantize", "int8", "--recipe", "npu", "--input-size", "160x160", "--calib-size", "8",
+                "-o", out)
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["int8_recipe"] == "npu" and meta["npu_steps"] == "cle+dcn16+out16+sens16"
+    table = npu_int8.precision_table(onnx.load(str(out)))
+    # Every conv has int8 weights; the w8a16 ones are the DCN/head groups plus the measured sensitive convs.
+    assert table["int8_convs"] + len(table["w8a16"]) == table["convs"] == 90 and len(table["w8a16"]) >= 21
+    assert "w8a16" in r.stderr and "SQNR" in r.stderr and "DeformConv" in r.stderr
