@@ -55,7 +55,9 @@ def tree(tmp_path_factory):
     (root / "ffexport/formats/pt2.py").write_text(PT2)
     init = root / "ffexport/formats/__init__.py"
     src = init.read_text()
-    init.write_text(src.replace('    "ncnn",\n)', '    "ncnn",\n    "pt2",\n)'))
+    start = src.index("MODULES = (")
+    end = src.index("\n)", start)  # the one line: the new module's name, last in MODULES
+    init.write_text(src[:end] + '\n    "pt2",' + src[end:])
     return root
 
 

@@ -187,7 +187,8 @@ def export_ncnn(model, name, out, opts) -> dict:
         raise FFExportError(reason)
     import torch
 
-    precision = opts.precision or PRECISIONS[0]  # the options were checked against FORMAT (exporter)
+    opts = FORMAT.resolve(opts)  # the exporter did this already; direct callers get the same one-line checks
+    precision = opts.precision
     size = tuple(opts.input_size)
     param_out, bin_out, json_out = files(out)
     traced_model, n_dcn = _pnnx_model(model)

@@ -116,7 +116,8 @@ def export_openvino(model, name, out, opts) -> dict:
         raise FFExportError(reason)
     import openvino as ov
 
-    precision = opts.precision or PRECISIONS[0]  # the options were checked against FORMAT (exporter)
+    opts = FORMAT.resolve(opts)  # the exporter did this already; direct callers get the same one-line checks
+    precision = opts.precision
     size = tuple(opts.input_size)
     with tempfile.TemporaryDirectory(prefix="ffexport-openvino-") as tmp:
         ov_model = _convert(model, name, tmp, size, opts.dcn or "native")

@@ -499,12 +499,15 @@ def _timeable():
     return None
 
 
+def _export(model, name, out, opts):
+    return export_coreml(model, name, out, opts.input_size, opts.precision, opts.quantize, opts.calib,
+                         opts.calib_size, opts.extra["input_type"], opts.dcn, opts.nms)
+
+
 FORMAT = Format(
     name="coreml", runs_on="macOS only (converts anywhere)", packages=("coremltools",), description="Core ML ML Program (iOS 16+/macOS 13+), image input; fp16/fp32, int8 weights",
     suffixes=(".mlpackage",), dcn_forms=DCN_FORMS, precisions=PRECISIONS, quantize=("int8",), extra="coreml",
-    export=lambda model, name, out, opts: export_coreml(model, name, out, opts.input_size, opts.precision,
-                                                        opts.quantize, opts.calib, opts.calib_size,
-                                                        opts.extra["input_type"], opts.dcn, opts.nms),
+    export=_export,
     runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable, own_folder=is_package,
     nms=True, timeable=_timeable,
     options=(Option("input_type", "image", "image: a CVPixelBuffer (BGR, mean subtracted in the model); "
