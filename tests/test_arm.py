@@ -227,3 +227,7 @@ def test_unreachable_remote_is_one_line_error(models, x):
     with pytest.raises(FFExportError, match="cannot reach") as e:
         run_onnx_arm(models[0], x, remote=f"nobody@127.0.0.1:{free_port()}")  # nothing listens there
     assert "\n" not in str(e.value)
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

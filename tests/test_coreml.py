@@ -384,3 +384,7 @@ def test_nms_detections_equal_host_postprocessing(nms_package, v2_model):
         assert len(pairs) == len(ref), photo.name
         total += len(ref)
     assert total >= 20
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

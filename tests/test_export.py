@@ -141,3 +141,7 @@ def test_parity_defaults_to_widerface_evaluation_images(exports):
     r = run_cli("parity", exports / "native.onnx", "--limit", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on 2 images" in r.stdout and "PASS" in r.stdout
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -163,3 +163,7 @@ def test_tflite_fold_has_no_gather(folded, tmp_path):
     ops = _op_names(out)
     assert not ops & {"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP"}, ops
     assert "CONV_2D" in ops
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ from ffexport.formats.base import ExportOptions
 from ffexport.formats.pytorch import TorchRunner
 from ffexport.parity import compare
 
-pytestmark = pytest.mark.skipif(ncf.available() is not None, reason=str(ncf.available()))
+# Slow: real conversions in module fixtures (the quick subset is `pytest -m \"not slow\"`).
+pytestmark = [pytest.mark.skipif(ncf.available() is not None, reason=str(ncf.available())), pytest.mark.slow]
 
 SIZE = (320, 320)
 

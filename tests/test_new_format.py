@@ -94,3 +94,7 @@ def test_info_command_and_bench_target_appear(tree, tmp_path):
     assert r.returncode == 0, r.stderr
     row = next(l for l in r.stdout.splitlines() if l.startswith("| pt2 | 160x160 |")).split("|")
     assert float(row[5]) > 0 and row[10].strip() == "ok", r.stdout
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

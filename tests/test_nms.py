@@ -286,3 +286,7 @@ def test_tiny_image_through_the_cli(onnx_files, tmp_path):
         for d in dets:  # boxes in the tiny image's own pixels
             cx, cy = (d["box"][0] + d["box"][2]) / 2, (d["box"][1] + d["box"][3]) / 2
             assert -1 <= cx <= w + 1 and -1 <= cy <= h + 1
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -41,3 +41,7 @@ def test_native_onnx_is_refused_with_the_fix(files):
     assert_one_line_error(r, "does not open in OpenCV DNN", "--dcn grid")
     r = run_cli("parity", d / "grid.onnx", "--runtime", "opencv", "--images", IMAGES, "--limit", "2")
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

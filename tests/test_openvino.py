@@ -8,7 +8,8 @@ from ffexport.formats.base import ExportOptions
 from ffexport.formats.pytorch import TorchRunner
 from ffexport.parity import TOLERANCES, compare
 
-pytestmark = pytest.mark.skipif(ovf.available() is not None, reason=str(ovf.available()))
+# Slow: real conversions in module fixtures (the quick subset is `pytest -m \"not slow\"`).
+pytestmark = [pytest.mark.skipif(ovf.available() is not None, reason=str(ovf.available())), pytest.mark.slow]
 
 SIZE = (320, 320)
 

@@ -313,3 +313,7 @@ def test_widerface_ap_on_a_few_images(peer_files, name):
     assert r["images"] == 20 and r["conf"] == 0.02 and r["nms"] == 0.4
     assert 0.8 < r["easy"] <= 1 and 0.6 < r["medium"] <= r["easy"] + 0.02 and 0.4 < r["hard"] <= r["medium"]
     assert r["published"]["hard"] < r["published"]["easy"] and r["peer"] == name
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

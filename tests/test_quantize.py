@@ -93,3 +93,7 @@ def test_bad_calibration_input_writes_nothing(tmp_path, setup, args, fragment):
     assert_one_line_error(r, fragment)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "out.onnx"]
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -234,3 +234,7 @@ def test_export_prints_ffexport_lines_only(small_onnx):
     assert r.stdout == ""
     assert "Checking" not in r.stderr and "fp32.onnx" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("wrote ")
+
+
+# Slow: many CLI subprocesses and real exports (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -100,3 +100,7 @@ def test_unknown_dcn_form_is_refused(v2_model, tmp_path):
 def test_deformconv_native_is_refused_for_tflite(tmp_path):
     r = run_cli("tflite", "--dcn", "native", "-o", tmp_path / "x.tflite")
     assert r.returncode == 2 and "native" in r.stderr
+
+
+# Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
