@@ -7,7 +7,8 @@ variant, with what share of convs is int8. Each run adds its row to benchmarks/r
     python benchmarks/npu_int8.py --crowd exact_fp32.onnx kept1.onnx ...   # crowd.jpg detections matched
 
 Configs: fp32 | ort (onnxruntime quantize_static, per-channel, every conv) | aimet steps joined by '+'
-(plain = AIMET with no step; cle, adaround, w8a16; see ffexport/formats/onnx/npu_int8.py).
+(plain = AIMET with no step; prelu, cle, ew16, budget16, adaround, ...: npu_int8.STEPS), on the AIMET target
+description --sim-config (default htp_v73). Rows are keyed by config, sim config, dcn, images, calibration.
 """
 import argparse
 import json
@@ -85,6 +86,8 @@ def main():
     ap.add_argument("--adaround-iters", type=int, default=npu_int8.ADAROUND_ITERS)
     ap.add_argument("--adaround-images", type=int, default=npu_int8.ADAROUND_IMAGES)
     ap.add_argument("--scheme", default="tf_enhanced")
+    ap.add_argument("--sim-config", default=npu_int8.SIM_CONFIG, choices=npu_int8.SIM_CONFIGS,
+                    help="AIMET quantsim config (target description)")
     ap.add_argument("--keep", help="also keep the QDQ file here")
     a = ap.parse_args()
     if a.crowd:
@@ -112,7 +115,7 @@ def main():
         else:
             steps = () if a.config == "plain" else tuple(a.config.split("+"))
             npu_int8.quantize_npu(fp32, q, SIZE, None, a.calib_size, steps, a.adaround_iters, a.scheme,
-                                  a.adaround_images)
+                                  a.adaround_images, a.sim_config)
         qtime = time.time() - t
         table = npu_int8.precision_table(onnx.load(str(q)))
         if a.keep:
@@ -124,14 +127,17 @@ def main():
     row = {"config": a.config, "dcn": a.dcn, "images": e["images"],
            **{k: round(100 * e[k], 2) for k in ("easy", "medium", "hard")},
            "convs_w8a8": f"{table['int8_convs']}/{table['convs']}", "convs_w8a16": len(table["w8a16"]),
+           "convs_int8_input": f"{table['int8_input_convs']}/{table['convs']}",
+           "sim_config": a.sim_config if a.config not in ("fp32", "ort") else None,
            "calib_images": a.calib_size, "scheme": a.scheme if a.config not in ("fp32", "ort") else None,
            "adaround": f"{a.adaround_iters} it x {a.adaround_images} images" if "adaround" in a.config else None,
            "quantize_s": round(qtime, 1), "eval_s": round(time.time() - t, 1)}
     print(json.dumps(row))
     OUT.parent.mkdir(exist_ok=True)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
-    data["rows"] = [r for r in data["rows"] if (r["config"], r["dcn"], r["images"]) != (row["config"], row["dcn"],
-                                                                                          row["images"])] + [row]
+    key = lambda r: (r["config"], r["dcn"], r["images"], r.get("sim_config") or "default", r.get("calib_images"),
+                     r.get("scheme"))
+    data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     data["machine"], data["versions"] = machine_info(), versions()
     data["note"] = ("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 letterbox, "
                     "onnxruntime CPU EP (1 thread) running the QDQ file: a simulation of int8 on x86, not a device "

@@ -282,7 +282,12 @@ def measured_from_results(root=None) -> dict:
                       "plain": pct(plain["v2"]),
                       "source": "benchmarks/results/plain_dcn.json and accuracy.json (PyTorch, original size)"},
         "fold": {"model": "v2", "images": fold["accuracy"]["exact"]["images"], "input": "640x640",
-                 "fit_images": int(fit.group(1)), "exact": emh(fold["accuracy"]["exact"]),
+                 # each --fold-keep as measured: its own fit and fit size where it says, else the setup's
+                 "fit_images": {k.removeprefix("fold_keep"): v.get("fit_images", int(fit.group(1)))
+                                for k, v in fold["accuracy"].items() if k != "exact"},
+                 "fit": {k.removeprefix("fold_keep"): v.get("fit", "closed form")
+                         for k, v in fold["accuracy"].items() if k != "exact"},
+                 "exact": emh(fold["accuracy"]["exact"]),
                  "ap": {k.removeprefix("fold_keep"): emh(v) for k, v in fold["accuracy"].items() if k != "exact"},
                  "tflite_time": {k.removeprefix("fold keep "): round(v["vs_rows"], 2) for k, v in fold["tflite"].items()
                                  if re.fullmatch(r"fold keep \d+", k)},
@@ -707,9 +712,9 @@ def render_npu(r):
         return []
     lines = ["## NPU targets in their vendors' simulators (rknn, qnn; [docs/npu.md](../docs/npu.md))", ""] + \
         _provenance(d, "npu") + [f"**{d['label']}.** Images: {d['images']}. Protocol: {d['protocol']}.", "",
-                                 "| artifact | format | DCN | precision | input | AP E / M / H (simulated) | PyTorch AP, same "
-                                 "images | matched | crowd matched | simulator s/image | ops placed on the CPU |",
-                                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                                 "| artifact | format | DCN | precision | input | images | AP E / M / H (simulated) | PyTorch AP, "
+                                 "same images | matched | crowd matched | simulator s/image | ops placed on the CPU |",
+                                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in d["results"].items():
         placement = x.get("placement") or {}
         if isinstance(placement, str):  # the qnn metadata stores its placement as a JSON string
@@ -719,7 +724,7 @@ def render_npu(r):
         ap = x.get("ap") or {}
         ref = x.get("pytorch_ap_same_images") or {}
         lines.append(f"| {name} | {x.get('format', '')} | {x.get('dcn', '')} | {x.get('precision', '')} | "
-                     f"{x.get('input_size', '')} | {_ap_pts(ap) if ap.get('easy') is not None else x.get('status', '')} | "
+                     f"{x.get('input_size', '')} | {_cell(x.get('images'))} | {_ap_pts(ap) if ap.get('easy') is not None else x.get('status', '')} | "
                      f"{_ap_pts(ref) if ref.get('easy') is not None else ''} | {_cell(x.get('matched'))} | "
                      f"{_cell(x.get('crowd_matched'))} | {_cell(x.get('simulator_s_per_image_median'))} | {cpu} |")
     return lines + [""]

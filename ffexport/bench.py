@@ -1,7 +1,6 @@
 """`ffexport bench`: per-target latency of V1 and V2, interleaved, each (target, size, threads) in its
 own worker process so thread pinning, peak RSS and crashes stay local to it.
 """
-import functools
 import json
 import os
 import platform
@@ -43,7 +42,11 @@ def versions() -> dict:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            pass
+            from . import envs
+
+            in_env = envs.package_version(pkg)  # a toolchain that runs in its own env (ExecuTorch, rknn)
+            if in_env:
+                out[pkg] = in_env
     return out
 
 
@@ -67,6 +70,7 @@ def _peak_rss_mb():
 
 def time_interleaved(calls: dict, runs: int, warmup: int, budget_s=None) -> dict:
     """Warm up, then time every call in turn, run by run, so drift hits them alike: name -> list of ms.
+    A call that returns an OwnTime has timed itself (see `runner_call`): that is recorded, not the wall time.
 
     With `budget_s`, slow calls (a grid-sample DCN in TFLite takes seconds a frame) get fewer runs,
     never under 5, so the whole measurement stays within the budget."""
@@ -82,9 +86,24 @@ def time_interleaved(calls: dict, runs: int, warmup: int, budget_s=None) -> dict
     for _ in range(runs):
         for name, call in calls.items():
             t0 = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - t0) * 1000)
+            own = call()
+            wall = (time.perf_counter() - t0) * 1000
+            times[name].append(float(own) if isinstance(own, OwnTime) else wall)
     return times
+
+
+class OwnTime(float):
+    """ms a call measured itself, where the runtime ran."""
+
+
+def runner_call(runner, x):
+    """runner(x) for time_interleaved, returning the runner's own time of the call when it keeps one
+    (`last_ms`: ExecuTorch in its env's worker, timed there, so the bench times the runtime, not the pipe)."""
+    def call():
+        runner(x)
+        ms = getattr(runner, "last_ms", None)
+        return OwnTime(ms) if ms is not None else None
+    return call
 
 
 def worker(job: dict) -> list[dict]:
@@ -115,14 +134,18 @@ def worker(job: dict) -> list[dict]:
             rows.append({"model": m, **_stats(r["times"]), "peak_rss_mb": rss, "note": r["note"],
                          "runs": len(r["times"]), "device": r["device"], "max_abs_vs_x86": r["max_abs_vs_x86"]})
         return rows
-    times = time_interleaved({m: functools.partial(runner, x) for m, (_, runner, x) in runners.items()},
+    times = time_interleaved({m: runner_call(runner, x) for m, (_, runner, x) in runners.items()},
                              job["runs"], job["warmup"], job.get("budget_s", 120))
     runs = len(next(iter(times.values())))
     rss = _peak_rss_mb()
     for m, (_, runner, _) in runners.items():
         size_str = "x".join(map(str, runner.input_size)) if target.peer else None
-        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": rss, "runs": runs, "device": getattr(runner, "device", "local"),
+        # A runtime in a worker process (ExecuTorch in its env) reports that process's peak.
+        own_rss = runner.peak_rss_mb() if callable(getattr(runner, "peak_rss_mb", None)) else None
+        rows.append({"model": m, **_stats(times[m]), "peak_rss_mb": own_rss if own_rss is not None else rss,
+                     "runs": runs, "device": getattr(runner, "device", "local"),
                      "note": (f"peer detector at its own input {size_str}" if target.peer else
+                              "interleaved with the other model; RSS: this model's worker process" if own_rss else
                               "interleaved with the other model in one process; RSS covers both")})
     return rows
 

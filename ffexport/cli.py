@@ -468,8 +468,9 @@ def _option_param(o):
     assert isinstance(o, Option)
     flag = "--" + o.name.replace("_", "-")
     if o.type is bool:
-        return click.Option([o.flag or f"{flag}/--no-{o.name.replace('_', '-')}", o.name], default=o.default,
-                            show_default=True, help=o.help)
+        decl = o.flag or f"{flag}/--no-{o.name.replace('_', '-')}"
+        return click.Option([decl, o.name], default=o.default, show_default=True, help=o.help,
+                            is_flag=True if "/" not in decl else None)
     if o.choices:
         kind = click.Choice(list(o.choices))
     elif o.type is float:
@@ -513,14 +514,16 @@ def _export_command(fmt):
     if src.dynamic:
         params.append(click.Option(["--dynamic"], is_flag=True, help="Dynamic batch/H/W (any multiple of 32)."))
     if src.nms:
+        # --conf/--iou/--max-det serve --nms and any format flag declared to take them (Option.thresholds)
+        users = "/".join(["--nms"] + ["--" + o.name.replace("_", "-") for o in src.options if o.thresholds])
         params += [click.Option(["--nms"], is_flag=True, help="Decoding, score threshold and NMS in the graph: "
                                                               "outputs boxes/scores/landmarks (docs/artifact-contract.md)."),
                    click.Option(["--conf"], type=Finite(0, 1), default=0.5, show_default=True,
-                                help="--nms score threshold."),
+                                help=f"{users} score threshold."),
                    click.Option(["--iou"], type=Finite(0, 1), default=0.4, show_default=True,
-                                help="--nms IoU threshold."),
+                                help=f"{users} IoU threshold."),
                    click.Option(["--max-det"], type=click.IntRange(1, 5000), default=300, show_default=True,
-                                help="--nms: at most this many faces.")]
+                                help=f"{users}: at most this many faces.")]
     if src.image_input:
         params.append(click.Option(["--image-input"], is_flag=True,
                                    help="uint8 (1,H,W,3) RGB input; mean subtraction in the graph."))
@@ -544,8 +547,12 @@ def _export_command(fmt):
         if kw.get("dcn") != "fold" and kw.get("fold_keep") is not None:
             raise FFExportError("--fold-keep applies to --dcn fold only: add --dcn fold or drop --fold-keep")
         nms = NmsOptions(kw["conf"], kw["iou"], kw["max_det"]) if kw.get("nms") else None
-        if nms and nms.conf >= 1:  # scores are at most 1 and kept strictly above --conf
-            raise FFExportError(f"--conf {nms.conf:g} keeps no face (scores are at most 1, kept when above "
+        for o in src.options:
+            if o.thresholds and own[o.name]:
+                own[o.name] = NmsOptions(kw["conf"], kw["iou"], kw["max_det"])
+        if (nms or any(isinstance(v, NmsOptions) for v in own.values())) and kw["conf"] >= 1:
+            # scores are at most 1 and kept strictly above --conf
+            raise FFExportError(f"--conf {kw['conf']:g} keeps no face (scores are at most 1, kept when above "
                                 f"--conf): choose a value below 1, e.g. 0.5")
         opts = ExportOptions(input_size=parse_size(input_size), dynamic=kw.get("dynamic", False),
                              precision=kw.get("precision"), quantize=kw.get("quantize"), dcn=kw.get("dcn"),

@@ -103,6 +103,7 @@ def for_export(model, opts, nms_op=False):
 
     net = EndToEnd(model, (h, w), opts.nms.conf, opts.nms.iou, opts.nms.max_det, opts.image_input, nms_op=nms_op)
     net.checkpoint_sha256 = getattr(model, "checkpoint_sha256", "unknown")
+    net.fold_metadata = getattr(model, "fold_metadata", {})
     x = torch.zeros(1, h, w, 3, dtype=torch.uint8) if opts.image_input else torch.zeros(1, 3, h, w)
     return net, x, e2e_metadata(opts.nms, opts.image_input, (h, w), padded=True)
 

@@ -1,10 +1,11 @@
 """Isolated toolchain environments and the worker process that runs a toolchain inside one.
 
 A vendor toolchain whose pins conflict with ffexport's (rknn-toolkit2: numpy<=1.26.4, onnx<=1.18,
-protobuf<=4.25.4, torch<=2.4) cannot share ffexport's venv. `ensure(name)` creates its own venv once (pip
-only, from the registry), records what it installed in a stamp file, and reuses it afterwards; `Worker`
-starts that venv's Python on ffexport's own source tree and calls functions of an ffexport module there,
-arrays going over a pipe as .npz and everything else as JSON.
+protobuf<=4.25.4, torch<=2.4; ExecuTorch: built for one torch, exact pins, see SPECS) cannot share
+ffexport's venv. `ensure(name)` creates its own venv once (pip only, from the registry), records what it
+installed in a stamp file, and reuses it afterwards; `Worker` starts that venv's Python on ffexport's own
+source tree and calls functions of an ffexport module there, arrays going over a pipe as .npz and
+everything else as JSON.
 
 Where: $FFEXPORT_ENVS, else `.venvs/` of the source checkout ffexport runs from (gitignored), else
 ~/.cache/ffexport/envs.
@@ -48,6 +49,14 @@ SPECS = {
                       "tqdm>=4.64.1", "opencv-python-headless>=4.5.5.64,<4.11", "fast-histogram>=0.11"),
         # The toolkit imports pkg_resources (gone from setuptools 70+), torch 2.13 declares setuptools>=77.
         no_deps=("rknn-toolkit2==2.5.0", "setuptools<70"), probe="rknn.api; rknn.api.RKNN()"),
+    # ExecuTorch's pybindings link libtorch, so a release runs only with the torch it was built for (1.4/1.5:
+    # 2.13), yet 1.5.1 declares no torch pin at all: pip would let ffexport's torch<2.15 move under it. It
+    # also pins coremltools==9.0, mpmath==1.3.0 and torchao<0.19 exactly, takes numpy>=2 (a fresh venv got
+    # 2.4.6, ffexport caps <2.4) and adds 12 LLM/test packages (hydra-core, tiktoken, hypothesis, ...), so the
+    # CI install leaves it out. Here torch 2.13.0 (the local CPU wheel) and the release go in together.
+    "executorch": EnvSpec(
+        "executorch", "executorch 1.5.1", requirements=("torch==2.13.0", "executorch==1.5.1"),
+        probe="executorch.extension.pybindings.portable_lib, executorch.exir"),
 }
 
 
@@ -86,6 +95,19 @@ def ready(name: str) -> bool:
         return json.loads(stamp.read_text()).get("digest") == SPECS[name].digest
     except (OSError, ValueError):
         return False
+
+
+def package_version(package: str) -> str | None:
+    """The version of `package` in a made env, as "1.5.1 (executorch env)" (a bench records where a
+    toolchain ran from), else None."""
+    from importlib.metadata import distributions
+
+    for name in SPECS:
+        if ready(name):
+            for dist in distributions(path=[str(p) for p in path(name).glob("lib/python*/site-packages")]):
+                if dist.metadata["Name"].lower().replace("_", "-") == package.lower().replace("_", "-"):
+                    return f"{dist.version} ({name} env)"
+    return None
 
 
 def _pip(py: Path, args, logfile):
@@ -173,6 +195,19 @@ def _recv(stream):
     return head, arrays
 
 
+def _package_path() -> str:
+    """A folder holding only the `ffexport` package, for the worker's PYTHONPATH: a pip-installed ffexport
+    lives in site-packages, whose torch and numpy would otherwise shadow the env's own."""
+    if SRC.name not in ("site-packages", "dist-packages"):
+        return str(SRC)
+    link = root() / ".src" / "ffexport"
+    if not (link.is_symlink() and link.resolve() == (SRC / "ffexport").resolve()):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(SRC / "ffexport", target_is_directory=True)
+    return str(link.parent)
+
+
 class Worker:
     """A process in env `name` running `module`'s functions: `call(fn, arrays, **kwargs) -> (dict, arrays)`.
 
@@ -186,8 +221,9 @@ class Worker:
         self.py = ensure(name, announce)
         self.name, self.module = name, module
         self.log = tempfile.NamedTemporaryFile(prefix=f"ffexport-{name}-worker-", suffix=".log", delete=False)
-        env = _clean_env({"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        self.proc = subprocess.Popen([str(self.py), "-m", "ffexport.envs", "--serve", module], cwd=str(SRC),
+        pkg = _package_path()  # also the working directory: `python -m` puts it first on sys.path
+        env = _clean_env({"PYTHONPATH": pkg, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        self.proc = subprocess.Popen([str(self.py), "-m", "ffexport.envs", "--serve", module], cwd=pkg,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=None if verbose else self.log, env=env)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import formats
 from .errors import FFExportError
-from .formats.base import ExportOptions, Format
+from .formats.base import ExportOptions, Format, NmsOptions
 from .log import log
 
 # What the one-image check requires before an export reports success. The parity command is the real
@@ -27,7 +27,8 @@ CHECK_LOSSY_CONF_SQNR_DB = 20.0
 
 def default_output(fmt: Format, model: str, opts: ExportOptions) -> Path:
     tags = [opts.quantize or (opts.precision if opts.precision not in (None, fmt.precisions[0]) else None),
-            "fold" if opts.dcn == "fold" else None, "nms" if opts.nms else None]
+            "fold" if opts.dcn == "fold" else None, "nms" if opts.nms else None,
+            *(o.name for o in formats.exporting(fmt).options if o.thresholds and opts.extra.get(o.name))]
     return Path(f"featherface_{model}{''.join('_' + t for t in tags if t)}{fmt.suffixes[0]}")
 
 
@@ -188,7 +189,10 @@ def check_forward(fmt: Format, path: Path, model, opts: ExportOptions) -> str:
     x, what = check_input(runner.input_size or opts.input_size)
     ref, got = TorchRunner(model)(x), runner(x)
     if runner.end_to_end:
-        return compare_detections(ref, got, x.shape[2:], opts.nms, runner.precision, what)
+        # The thresholds the artifact applies: --nms's, or those a format flag put in the file (--vision's defaults).
+        applied = runner.configure()
+        nms = opts.nms or NmsOptions(applied["conf"], applied["iou"], applied["max_det"] or 750)
+        return compare_detections(ref, got, x.shape[2:], nms, runner.precision, what)
     conf_err = float(np.abs(np.asarray(ref[1]) - np.asarray(got[1])).max())
     db = sqnr_db(ref[1], got[1])
     lossy = runner.precision != "fp32"

@@ -20,5 +20,7 @@ def artifact_metadata(model, name, input_size, dcn, **extra) -> dict[str, str]:
         "checkpoint_sha256": getattr(model, "checkpoint_sha256", "unknown"),
         "ffexport_version": __version__,
     }
+    # A folded model carries its fit's notes (ffexport/fold.py): every format records what approximates what.
+    meta.update({k: str(v) for k, v in getattr(model, "fold_metadata", {}).items()})
     meta.update({k: str(v) for k, v in extra.items()})
     return meta

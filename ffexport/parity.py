@@ -18,6 +18,11 @@ TOLERANCES = {
     # bf16 keeps 8 mantissa bits (fp16: 11): V2's conf moves by up to 9e-2 at 640x640 (OpenVINO bf16) while
     # 99% of detections match, so it is held at detection level.
     "bf16": {"max_abs": {}, "matched": 0.97, "ap": 0.97},
+    # An NPU's fp16 (QNN HTP, RKNN) has no per-op precision choice: the DCN's sampling coordinates and the
+    # softmax run in fp16 too. Measured in the vendors' simulators at 640x640 on the shared photos: conf moves
+    # by up to 4.0e-2 (QNN) / 2.4e-2 (RKNN) with 100% / 99.3% of detections matched; held at detection
+    # level (issue 23: >= 97% matched), like bf16.
+    "fp16-npu": {"max_abs": {}, "matched": 0.97, "ap": 0.97},
     # --dcn fold / plain change the computation on purpose (their AP cost is measured and printed at
     # export): parity then says how far the detections moved from the exact model, with a loose floor.
     "approximation": {"max_abs": {}, "matched": 0.85, "ap": 0.85},
@@ -29,6 +34,8 @@ def tolerance_class(runner) -> str:
     meta = getattr(runner, "meta", None) or {}
     if meta.get("dcn") in ("fold", "plain"):
         return "approximation"
+    if getattr(runner, "tolerance", None) in TOLERANCES:
+        return runner.tolerance
     return getattr(runner, "precision", "fp32") if getattr(runner, "precision", "fp32") in TOLERANCES else "int8"
 
 
@@ -74,8 +81,10 @@ class ParityReport:
             lines.append(f"  detections: {d.get('count', 0)} vs 0 (PyTorch): nothing to match")
             lines.append("  PASS" if self.ok else "  FAIL: " + "; ".join(self.failures))
             return "\n".join(lines)
+        landmarks = ("landmarks: none in this file" if d.get("landmarks_max_px", 0) is None else
+                     f"landmarks max {d.get('landmarks_max_px', 0):.2g} px")
         lines.append(f"  detections: {d['count']} vs {d['ref_count']} (PyTorch); matched {d['matched']:.1%} at "
-                     f"IoU>={d.get('match_iou', 0.5)}; landmarks max {d.get('landmarks_max_px', 0):.2g} px;"
+                     f"IoU>={d.get('match_iou', 0.5)}; {landmarks};"
                      f" score delta mean {d['score_delta_mean']:.2g} max {d['score_delta_max']:.2g};"
                      f" AP vs PyTorch {d['ap']:.4f}")
         lines.append("  PASS" if self.ok else "  FAIL: " + "; ".join(self.failures))
@@ -123,7 +132,7 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
         dref = detect(*(o[0] for o in ref_out), x.shape[2:], scale, conf, nms, keep_top_k=top_k)
         dgot = decode(runner, out, x.shape[2:], scale, conf, nms)
         pairs, tp = match(dref.boxes, dgot.boxes, dgot.scores, iou)
-        if pairs:  # landmark error in input-tensor pixels
+        if pairs and runner.landmarks:  # landmark error in input-tensor pixels
             i, j = np.array(pairs).T
             lm_err = max(lm_err, float(np.abs(dgot.landmarks[i] - dref.landmarks[j]).max() * scale))
         ref_total += len(dref)
@@ -144,7 +153,7 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
                          "score_delta_mean": float(np.mean(deltas)) if deltas else 0.0,
                          "score_delta_max": float(np.max(deltas)) if deltas else 0.0,
                          "ap": average_precision(tp, scores, ref_total), "match_iou": iou,
-                         "landmarks_max_px": lm_err}
+                         "landmarks_max_px": lm_err if runner.landmarks else None}
     tol = TOLERANCES[precision]
     if ref_total == 0:  # 0 vs 0 would "match": say that nothing was compared
         report.failures.append(f"PyTorch finds no face above conf {conf:g} in these {len(images)} images, so no "
@@ -157,7 +166,7 @@ def compare(ref_runner, runner, images, conf=0.5, nms=0.4, precision="fp32", pro
     if report.detections["matched"] < tol["matched"]:
         report.failures.append(f"matched {report.detections['matched']:.1%} < {tol['matched']:.0%}")
     if runner.end_to_end and precision == "fp32":  # docs/artifact-contract.md: --nms artifacts, fp32
-        if lm_err > E2E_LANDMARKS_PX:
+        if runner.landmarks and lm_err > E2E_LANDMARKS_PX:
             report.failures.append(f"landmarks differ by {lm_err:.2g} px > {E2E_LANDMARKS_PX} px")
         if abs(count - ref_total) > 0.01 * max(ref_total, 1):
             report.failures.append(f"{count} detections vs {ref_total} (PyTorch): more than 1% apart")

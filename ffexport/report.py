@@ -18,6 +18,10 @@ Row status (`status`; the detail is in `reason`):
   "reference"                      the PyTorch checkpoint itself (what parity compares against)
   "measured"                       a peer detector (reference row, not FeatherFace)
 
+A row whose runner is a vendor's x86 simulator (the NPU formats, qnn and rknn: `runner.device ==
+"simulator"`) gets parity and AP like any other, labelled with the simulator (`simulated`), and is not
+timed: a simulator's speed says nothing of the NPU's, so it has no latency and no V2/V1 ratio.
+
 `min_ap` is in AP points (percent, as the README and report.md print them): (easy, medium, hard), any of
 them None for no floor there. It applies to the FeatherFace rows that were verified (and the PyTorch row).
 """
@@ -98,7 +102,8 @@ def run_report(models=("v1", "v2"), targets=DEFAULT_TARGETS, input_size=(640, 64
         _measure(row, table[row["target"]], paths[(row["target"], row["model"])], refs, root, images, parity_paths,
                  size, threads, progress)
 
-    timed = [n for n in names if any(r["target"] == n and r["status"] not in (SKIPPED, EXPORT_FAILED) for r in rows)]
+    timed = [n for n in names if any(r["target"] == n and r["status"] not in (SKIPPED, EXPORT_FAILED)
+                                     and not r["simulated"] for r in rows)]
     peer_rows = []
     for p in peers:
         peer_rows += _peer_rows(p, table[p], root, images, size, threads, progress)
@@ -196,6 +201,7 @@ def _row(name, model, fmt, precision, input_size, status, reason="", peer=False,
     return {"name": name, "model": model, "format": fmt, "precision": precision, "input_size": input_size,
             "status": status, "reason": reason, "size_mb": None, "parity": {}, "ap": dict.fromkeys(SETTINGS),
             "median_ms": None, "peer": peer,
+            "simulated": None,  # how the accuracy was computed when a simulator ran it (runner.evaluation)
             "target": target, "natural": natural}  # the last two stay internal (not in report.json)
 
 
@@ -255,16 +261,18 @@ def _reference(refs, model):
 def _measure(row, target, path, refs, root, images, parity_paths, size, threads, progress):
     """Parity against PyTorch, then WIDER FACE AP, of one built row (updated in place)."""
     from .evaluate import evaluate_runner
-    from .parity import compare
+    from .parity import compare, tolerance_class
 
     t0 = time.time()
     try:
         runner = target.runner(path, row["model"], threads)
+        if getattr(runner, "device", None) == "simulator":
+            row["simulated"] = getattr(runner, "evaluation", "") or "simulator"
         if target.fmt.reference:
             runner.input_size = tuple(size)  # scored and timed at the report's size, as the artifacts are
         else:
             rep = compare(_reference(refs, row["model"]), runner, parity_paths,
-                          precision=getattr(runner, "precision", "fp32"), progress=False)
+                          precision=tolerance_class(runner), progress=False)
             row["parity"] = _parity(rep)
             if not rep.ok:
                 row.update(status=CHECK_FAILED, reason="; ".join(rep.failures))
@@ -277,6 +285,7 @@ def _measure(row, target, path, refs, root, images, parity_paths, size, threads,
     par = row["parity"]
     progress(f"report: {row['name']}: AP {_ap_str(row['ap'])}"
              + (f"; parity conf SQNR {par['conf_sqnr_db']:.1f} dB, matched {par['matched']:.1%}" if par else "")
+             + (f" [{row['simulated']}; not timed]" if row["simulated"] else "")
              + f" ({row['status']}, {time.time() - t0:.0f} s)")
 
 
@@ -362,7 +371,7 @@ def _parse_peer_size(s):
 def _apply_timing(rows, timing):
     by = {(r["target"], r["model"]): r for r in timing["rows"]}
     for row in rows:
-        if row["status"] in (SKIPPED, EXPORT_FAILED) or not row["natural"]:
+        if row["status"] in (SKIPPED, EXPORT_FAILED) or not row["natural"] or row["simulated"]:
             continue
         t = by.get((row["target"], row["model"]))
         if t is None:
@@ -375,7 +384,7 @@ def _apply_timing(rows, timing):
 
 def _public(row) -> dict:
     keys = ("name", "model", "format", "precision", "input_size", "status", "reason", "size_mb", "parity", "ap",
-            "median_ms", "peer")
+            "median_ms", "peer", "simulated")
     return {k: row[k] for k in keys}
 
 
@@ -436,7 +445,12 @@ def markdown(report, extra) -> str:
         f"share of PyTorch's detections (conf 0.5, NMS 0.4) the artifact finds at IoU >= 0.5.",
         f"- **Latency**: median of up to {extra['runs']} runs on {extra['threads']} thread(s), `ffexport bench`. "
         f"V1 and V2 of a target are timed interleaved in one worker process. Peers are timed twice: at their "
-        f"natural input size by the same bench, and at the report's size interleaved with each other.", "",
+        f"natural input size by the same bench, and at the report's size interleaved with each other."]
+    if any(r.get("simulated") for r in report["rows"]):
+        lines.append("- **Simulated** rows (NPU formats) ran in the vendor's x86 simulator: their parity and AP are "
+                     "what the NPU's arithmetic gives; they are not timed (a simulator's speed is not the "
+                     "device's) and are in no speed comparison.")
+    lines += ["",
         "| artifact | format | precision | input | status | size MB | conf SQNR dB | matched | Easy | Medium | Hard "
         "| median ms | V2/V1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -447,6 +461,9 @@ def markdown(report, extra) -> str:
         if r["status"] in (SKIPPED, EXPORT_FAILED, CHECK_FAILED):
             notes.append(f"{len(notes) + 1}. **{r['name']}** {r['status']}: {r['reason']}")
             status += f" ({len(notes)})"
+        if r.get("simulated"):
+            notes.append(f"{len(notes) + 1}. **{r['name']}** simulated: {r['simulated']}")
+            status += f", simulated ({len(notes)})"
         sqnr = p.get("conf_sqnr_db")
         # A FeatherFace row is named "<model> <target>" (_build).
         ratio_cell = ratio.get(r["name"][len(r["model"]) + 1:], "") if r["model"] == "v2" and not r["peer"] else ""
@@ -455,7 +472,7 @@ def markdown(report, extra) -> str:
             f"{_num(r['size_mb'], 2)} | {'' if sqnr is None else 'inf' if math.isinf(sqnr) else f'{sqnr:.1f}'} | "
             f"{_pct(p.get('matched'))} | "
             + " | ".join(_num(r["ap"][s] * 100, 2) if _has_ap(r) else "" for s in SETTINGS)
-            + f" | {_num(r['median_ms'], 1)} | {ratio_cell} |")
+            + f" | {'simulator, not timed' if r.get('simulated') else _num(r['median_ms'], 1)} | {ratio_cell} |")
     lines += [""] + notes if notes else []
     # A peer's row at its natural input size is named after the peer (_peer_rows).
     peers = [r for r in report["rows"] if r["peer"] and r["name"] == r["model"]]

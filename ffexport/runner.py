@@ -17,7 +17,9 @@ class Runner:
     model = None        # "v1"/"v2" when known
     path = None
     precision = "fp32"  # fp32 | fp16 | int8: decides the parity tolerances
+    tolerance = None    # a parity.TOLERANCES row other than the precision's (an NPU's fp16), None: the precision's
     end_to_end = False  # True: outputs are detections (an --nms artifact), not raw anchors
+    landmarks = True    # False: an end-to-end file without landmarks (Core ML --vision): they come back (K, 0)
     meta: dict = {}
 
     def __call__(self, x: np.ndarray):

@@ -17,7 +17,6 @@ detections (every worker runs one thread, in its own process).
 Latency is this host's: medians at 1 thread of `bench.time_interleaved`, the sizes of a target interleaved
 in one loop, measured in this process after the AP tasks (never on the cluster, never while tasks run).
 """
-import functools
 import hashlib
 import json
 import os
@@ -455,7 +454,7 @@ def time_cells(cells, items, runs, warmup, progress=log):
     """Median ms at 1 thread per measured cell, the sizes of each (model, target) interleaved in one loop."""
     import torch
 
-    from .bench import time_interleaved
+    from .bench import runner_call, time_interleaved
     from .log import quiet
     from .targets import targets
 
@@ -478,7 +477,7 @@ def time_cells(cells, items, runs, warmup, progress=log):
                 runner = table[name].runner(c["artifact"], m, 1)
             x = (rng.integers(0, 255, (1, 3, *hw)).astype(np.float32)
                  - np.array([104, 117, 123], np.float32)[:, None, None])
-            calls[c["input_size"]] = functools.partial(runner, x)
+            calls[c["input_size"]] = runner_call(runner, x)
             c["timed_input"] = label(hw) + (" (median padded image)" if c["input_size"] == ORIGINAL else "")
         progress(f"sweep: timing {m} {name} at {', '.join(calls)} ({runs} runs, interleaved, 1 thread)...")
         try:
@@ -620,13 +619,28 @@ def plot(res, out):
         if c["status"] == OK and c["ap"]["hard"] is not None and c["median_ms"]:
             groups.setdefault(f"{c['model']} {c['target']}", []).append(c)
     fig, ax = plt.subplots(figsize=(9, 6))
+
+    def square(c):
+        h, _, w = c["input_size"].partition("x")
+        return h == w
+
     for name, group in groups.items():
+        # Only square sizes form a curve (one size scaled): joining an aspect or the dynamic "original"
+        # into it draws a zigzag that means nothing; those are points of their own, in the same colour.
         group = sorted(group, key=lambda c: c["median_ms"])
+        curve = [c for c in group if square(c)]
+        line, = ax.plot([c["median_ms"] for c in curve], [c["ap"]["hard"] * 100 for c in curve], "o-", ms=4,
+                        lw=1.2, label=name)
+        others = [c for c in group if not square(c)]
+        if others:
+            ax.plot([c["median_ms"] for c in others], [c["ap"]["hard"] * 100 for c in others], "D", ms=4,
+                    ls="none", color=line.get_color())
         xs, ys = [c["median_ms"] for c in group], [c["ap"]["hard"] * 100 for c in group]
-        line, = ax.plot(xs, ys, "o-", ms=4, lw=1.2, label=name)
         for c, x, y in zip(group, xs, ys):
             ax.annotate(c["input_size"], (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6,
                         color=line.get_color())
+    if any(not square(c) for g in groups.values() for c in g):
+        ax.plot([], [], "D", ms=4, color="0.4", label="HxW aspect or original size (off the square-size curve)")
     if res.get("latency_budget_ms"):
         ax.axvline(res["latency_budget_ms"], ls="--", color="0.4", lw=0.8,
                    label=f"budget {res['latency_budget_ms']:g} ms")

@@ -69,20 +69,23 @@ def which_model(sd: dict) -> str | None:
     return None
 
 
-def load_model(name: str = "v2", weights=None, dcn: str = "grid") -> torch.nn.Module:
-    """The FeatherFace model `name` with its checkpoint loaded strictly, in eval mode."""
+def load_model(name: str | None = "v2", weights=None, dcn: str = "grid") -> torch.nn.Module:
+    """The FeatherFace model `name` with its checkpoint loaded strictly, in eval mode; name None: whichever
+    model the checkpoint `weights` is (told from its keys, the file read once). `model.name` says which."""
     from ffexport.models.dcn import set_dcn_form
 
-    s = spec(name)
-    path = resolve(name, weights)
+    if name is None and weights is None:
+        name = "v2"
+    path = resolve(name, weights) if name is not None else Path(weights)
     sd = read_state_dict(path)
     found = which_model(sd)
     if found is None:
         raise FFExportError(f"{path} is not a FeatherFace V1/V2 checkpoint (parameter names/shapes differ): "
                             f"pass a checkpoint trained with this architecture")
-    if found != name:
+    if name is not None and found != name:
         raise FFExportError(f"{path} is a FeatherFace {found} checkpoint, not {name}: use --model {found}")
-    model = s.create()
+    model = spec(found).create()
+    model.name = found
     model.load_state_dict(sd, strict=True)
     model.checkpoint_sha256 = sha256sum(path)
     return set_dcn_form(model.eval(), dcn)

@@ -61,14 +61,14 @@ def nms(boxes, scores, iou):
 class Detections:
     boxes: np.ndarray      # (K, 4) x1, y1, x2, y2 in original-image pixels
     scores: np.ndarray     # (K,)
-    landmarks: np.ndarray  # (K, 10) x, y pairs in original-image pixels
+    landmarks: np.ndarray  # (K, 10) x, y pairs in original-image pixels; (K, 0) from a file without landmarks
 
     def __len__(self):
         return len(self.scores)
 
     def to_json(self):
         return [{"box": [round(float(v), 3) for v in b], "score": round(float(s), 5),
-                 "landmarks": [round(float(v), 3) for v in l]}
+                 "landmarks": [round(float(v), 3) for v in l] if len(l) else None}
                 for b, s, l in zip(self.boxes, self.scores, self.landmarks)]
 
 

@@ -1,6 +1,6 @@
 """Peers: BlazeFace's real .tflite from the mediapipe wheel in the real TFLite interpreter; YuNet and the
 Face-Detector-1MB models from their published files (FFEXPORT_PEERS_DIR, the shared copies: no network),
-checked against OpenCV and on WIDER FACE; ExecuTorch export.
+checked against OpenCV and on WIDER FACE (ExecuTorch: tests/test_executorch.py).
 
 einstein.jpg is a full-length photo whose face is ~95 px of 1024: letterboxed whole to 128x128 the face is
 ~12 px, below what the short-range (selfie) model is made for (it scores ~0.28 there). So the short-range
@@ -159,29 +159,6 @@ def test_missing_interpreter_is_one_line(monkeypatch, models):
     monkeypatch.setattr(builtins, "__import__", no_litert)
     with pytest.raises(FFExportError, match=r"pip install 'ffexport\[tflite\]'"):
         peers.BlazeFaceRunner(models["short_range"])
-
-
-def test_executorch_roundtrip(tmp_path):
-    """Only where a validated executorch (1.4 or 1.5 with torch 2.13) is installed; else the skip reason is checked."""
-    from ffexport.formats import executorch
-
-    reason = executorch.executorch_available()
-    if reason:
-        assert "\n" not in reason and "executorch" in reason
-        with pytest.raises(FFExportError):
-            executorch.ExecuTorchRunner(tmp_path / "x.pte")
-        pytest.skip(reason)
-    import torch
-
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
-    out = tmp_path / "tiny.pte"
-    executorch.executorch_export(m, "v2", out, (32, 48))
-    r = executorch.ExecuTorchRunner(out, threads=1)
-    x = np.random.default_rng(0).standard_normal((1, 3, 32, 48)).astype(np.float32)
-    with torch.no_grad():
-        ref = m(torch.from_numpy(x)).numpy()
-    assert r.input_size == (32, 48) and r.meta["input_size"] == "32x48"
-    np.testing.assert_allclose(r(x)[0], ref, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------

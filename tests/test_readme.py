@@ -88,8 +88,10 @@ def test_cli_costs_quote_measured_json():
     assert "/".join(f"{a:.1f}" for a in plain["plain"]) in PLAIN_DCN_COST
     assert "/".join(f"{a:.1f}" for a in fold["ap"]["3"]) in fold_cost(3, "v2")
     # the measurement fitted fewer images than the CLI default (--calib-size 100): the note says which is which
-    assert f"fitted on {fold['fit_images']} calibration images; this export fits 100" in fold_cost(3, "v2", 100)
-    assert "this export fits" not in fold_cost(3, "v2", fold["fit_images"])
+    if fold["fit_images"]["3"] != 100:
+        assert f"fitted on {fold['fit_images']['3']} calibration images ({fold['fit']['3']}); this export fits 100" \
+            in fold_cost(3, "v2", 100)
+    assert "this export fits" not in fold_cost(3, "v2", fold["fit_images"]["3"])
 
 
 def test_benchtable_knows_the_models():

@@ -12,7 +12,7 @@ from ffexport.errors import FFExportError
 
 SIZE, IMAGES = (320, 320), 8
 ROW_KEYS = {"name", "model", "format", "precision", "input_size", "status", "reason", "size_mb", "parity", "ap",
-            "median_ms", "peer"}
+            "median_ms", "peer", "simulated"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_json_follows_the_schema(run):
         assert torch["status"] == report.REFERENCE and torch["parity"] == {}
         for r in (onnx, torch):
             assert r["model"] == m and r["input_size"] == "320x320" and not r["peer"]
-            assert 1.5 < r["size_mb"] < 3 and r["median_ms"] > 0
+            assert 1.5 < r["size_mb"] < 3 and r["median_ms"] > 0 and r["simulated"] is None
     for name, size in (("yunet", "640x640"), ("yunet 320x320", "320x320")):
         y = rows[name]
         assert y["peer"] and y["model"] == "yunet" and y["status"] == report.MEASURED and y["input_size"] == size

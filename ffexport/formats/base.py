@@ -24,6 +24,7 @@ class Option:
     min: float | None = None       # inclusive range for int/float
     max: float | None = None
     flag: str | None = None        # click declaration for booleans, e.g. "--per-channel/--per-tensor"
+    thresholds: bool = False       # a flag that, as --nms, takes --conf/--iou/--max-det: set, its value is NmsOptions
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ def image_input_needs_nms(opts) -> str | None:
     if opts.image_input and not opts.nms:
         return "--image-input comes with --nms for this format: add --nms (ONNX also takes it alone)"
     return None
+
+
+def placement_line(on_accelerator: int, on_cpu: dict, unit: str, accelerator: str) -> str:
+    """"N/M <unit> on <accelerator>; on the CPU: k Op, ..." for a vendor's op placement (printed at export,
+    stored in the metadata), the CPU ops by count, most first."""
+    total = on_accelerator + sum(on_cpu.values())
+    rest = ", ".join(f"{v} {k}" for k, v in sorted(on_cpu.items(), key=lambda kv: -kv[1]))
+    return f"{on_accelerator}/{total} {unit} on {accelerator}" + (f"; on the CPU: {rest}" if on_cpu else
+                                                                  " (none on the CPU)")
 
 
 def _no_reason():

@@ -23,11 +23,10 @@ class TorchRunner(Runner):
 def checkpoint_runner(path, threads=None, model=None, dcn="grid") -> TorchRunner:
     """The reference for model `model` (its weights resolved by name unless `path` is given), or for a .pth
     checkpoint given as an artifact (model None: V1 or V2, told from its keys)."""
-    from ..weights import load_model, read_state_dict, which_model
+    from ..weights import load_model
 
-    if model is None:
-        model = (which_model(read_state_dict(path)) if path is not None else None) or "v2"
-    return TorchRunner(load_model(model, path, dcn=dcn), model, threads)
+    net = load_model(model, path, dcn=dcn)
+    return TorchRunner(net, net.name, threads)
 
 
 FORMAT = Format(name="torch", runs_on="PyTorch CPU", packages=("torch",), description="PyTorch eager (the reference every artifact is compared with)",

@@ -1,8 +1,9 @@
 """Qualcomm NPU (Hexagon HTP) through onnxruntime's QNN execution provider, verified in QNN's x86 simulator.
 
 The artifact is an ONNX file prepared for the QNN EP (`X.qnn.onnx`): the fp32 graph of a DCN form that
-HTP runs wholly (HTP computes it in fp16), or a QDQ int8 graph from onnxruntime's QNN quantization
-recipe. Its metadata names the SoC, the HTP precision and the measured op placement. On x86 the QNN HTP
+HTP runs wholly (HTP computes it in fp16), or a QDQ int8 graph: AIMET's NPU recipe (`--recipe npu`, the
+default; formats/onnx/npu_int8.py, adapted to what the QNN EP takes as QDQ units) or onnxruntime's QNN
+quantization recipe (`--recipe ort`, u8/u8: measured far less accurate, docs/npu.md). Its metadata names the SoC, the HTP precision and the measured op placement. On x86 the QNN HTP
 backend (onnxruntime-qnn) is Qualcomm's simulator: every number measured here is a *simulator* number
 (accuracy is what the HTP arithmetic gives; its times say nothing of a phone's).
 
@@ -18,7 +19,7 @@ import numpy as np
 from ..errors import FFExportError
 from ..log import log, quiet
 from ..runner import OUTPUTS, Runner
-from .base import Format, Option, missing_modules
+from .base import Format, Option, missing_modules, placement_line
 
 FIX = "pip install 'ffexport[qnn]'"
 EP = "QNNExecutionProvider"
@@ -78,23 +79,22 @@ def placement(sess) -> dict:
     return out
 
 
-def placement_line(place: dict) -> str:
-    npu = sum(place.get(EP, {}).values())
+def placement_text(place: dict) -> str:
     cpu = {k: v for ep, ops in place.items() if ep != EP for k, v in ops.items()}
-    total = npu + sum(cpu.values())
-    rest = ", ".join(f"{v} {k}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
-    return f"{npu}/{total} nodes on QNN HTP" + (f"; on the CPU: {rest}" if cpu else " (none on the CPU)")
+    return placement_line(sum(place.get(EP, {}).values()), cpu, "nodes", "QNN HTP")
 
 
 # A QDQ graph's float input is quantized and its outputs dequantized on the host: those boundary nodes run
-# on the CPU in any deployment and are not a fallback.
-BOUNDARY = {"QuantizeLinear", "DequantizeLinear"}
+# on the CPU in any deployment and are not a fallback (fallen_off).
 
 
 def fallen_off(place: dict, quantized: bool) -> dict:
-    """The CPU nodes of a placement that are real fallbacks (not a QDQ graph's boundary conversions)."""
+    """The CPU nodes of a placement that are real fallbacks (not a QDQ graph's boundary conversions: one
+    QuantizeLinear for the input, one DequantizeLinear per output; a weight's DequantizeLinear on the CPU
+    means its conv ran in float, so more than those count)."""
     cpu = {k: v for ep, ops in place.items() if ep != EP for k, v in ops.items()}
-    return {k: v for k, v in cpu.items() if not (quantized and k in BOUNDARY)}
+    allowed = {"QuantizeLinear": 1, "DequantizeLinear": len(OUTPUTS)} if quantized else {}
+    return {k: v for k, v in cpu.items() if v > allowed.get(k, 0)}
 
 
 def _rules_form(opts) -> str | None:
@@ -107,6 +107,15 @@ def _rules_form(opts) -> str | None:
     if opts.dcn == "fold" and opts.fold_keep != 0:
         return ("--dcn fold keeps DCNs exact (DeformConv, which QNN cannot run) unless --fold-keep 0: add "
                 "--fold-keep 0, or use --dcn grid (exact, wholly on HTP)")
+    return None
+
+
+def _rules_recipe(opts) -> str | None:
+    if opts.extra.get("recipe", "npu") == "npu" and opts.quantize == "int8":
+        from .onnx.npu_int8 import INSTALL
+
+        if missing_modules(("aimet_onnx",), INSTALL):
+            return f"--quantize int8 --recipe npu needs AIMET for ONNX: {INSTALL} (or --recipe ort)"
     return None
 
 
@@ -139,7 +148,7 @@ def _quantize(fp32: Path, out: Path, opts) -> dict:
                                     weight_type=QuantType.QUInt8)
         quantize(str(src), str(out), config)
     pre.unlink(missing_ok=True)
-    return {"calibration": f"{len(batch)} images from {Path(root).name}, onnxruntime QNN QDQ (u8 activations, u8 "
+    return {"int8_recipe": "ort", "calibration": f"{len(batch)} images from {Path(root).name}, onnxruntime QNN QDQ (u8 activations, u8 "
                            f"weights)"}
 
 
@@ -159,7 +168,14 @@ def export_qnn(model, name, out, opts) -> dict:
     if opts.quantize:
         fp32 = out.with_name("fp32-" + out.name)
         proto = export_onnx(model, name, fp32, opts.input_size, False, 19, opts.dcn)
-        extra.update(_quantize(fp32, out, opts))
+        if opts.extra["recipe"] == "npu":
+            from .onnx.npu_int8 import quantize_npu
+
+            # The same AIMET recipe as `ffexport onnx --recipe npu` (one place for it); its htp_v73 target
+            # description is Qualcomm HTP's own.
+            extra.update(quantize_npu(fp32, out, opts.input_size, opts.calib, opts.calib_size, qnn_ep=True))
+        else:
+            extra.update(_quantize(fp32, out, opts))
         fp32.unlink()
         meta = {p.key: p.value for p in proto.metadata_props}
     else:
@@ -172,14 +188,14 @@ def export_qnn(model, name, out, opts) -> dict:
     # What runs where, as the simulator's partitioner decides it (fallback allowed, to see what falls off).
     place = placement(session(out, SOCS[soc], not opts.quantize, True))
     if fallen_off(place, bool(opts.quantize)) and not opts.extra["cpu_fallback"]:
-        raise FFExportError(f"QNN HTP does not run every node of this graph ({placement_line(place)}): use --dcn "
+        raise FFExportError(f"QNN HTP does not run every node of this graph ({placement_text(place)}): use --dcn "
                             f"grid, or add --cpu-fallback to ship it with CPU ops")
     meta["placement"] = json.dumps(place)
     set_metadata(q, meta)
     onnx.save(q, str(out))
-    log(f"placement ({SIMULATOR}, {soc}): {placement_line(place)}")
+    log(f"placement ({SIMULATOR}, {soc}): {placement_text(place)}")
     return {"dcn": opts.dcn, "precision": extra["htp_precision"], "quantization": extra["quantization"],
-            "placement": placement_line(place)}
+            "placement": placement_text(place)}
 
 
 class QnnRunner(Runner):
@@ -209,6 +225,7 @@ class QnnRunner(Runner):
         self.model = self.meta["model"]
         self.soc = self.meta["soc"]
         self.precision = "int8" if self.meta.get("quantization", "none") != "none" else "fp16"
+        self.tolerance = "fp16-npu" if self.precision == "fp16" else None
         try:
             fallback = self.meta.get("cpu_fallback") == "1"
             # int8: the boundary Q/DQ nodes need the CPU EP; anything else on it is refused below.
@@ -220,7 +237,7 @@ class QnnRunner(Runner):
         self.placement = placement(self.session)
         off = fallen_off(self.placement, self.precision == "int8")
         if off and not fallback:
-            raise FFExportError(f"{path}: QNN HTP does not run every node ({placement_line(self.placement)}): "
+            raise FFExportError(f"{path}: QNN HTP does not run every node ({placement_text(self.placement)}): "
                                 f"re-export it with 'ffexport qnn' (or --cpu-fallback)")
         names = [o.name for o in self.session.get_outputs()]
         if names != list(OUTPUTS):
@@ -241,9 +258,13 @@ FORMAT = Format(
                 "simulator)",
     suffixes=(".qnn.onnx",), export=export_qnn, runner=lambda path, threads=None: QnnRunner(path, threads),
     dcn_forms=("grid", "fold", "native", "rows"), precisions=("fp16",), quantize=("int8",), extra="qnn",
-    available=runnable, runnable=runnable, rules=(_rules_form,),
+    available=runnable, runnable=runnable, rules=(_rules_form, _rules_recipe),
     options=(
         Option("soc", "SM8650", "Snapdragon SoC the HTP graph targets.", str, tuple(SOCS)),
         Option("cpu_fallback", False, "Let nodes HTP cannot run fall back to the CPU (default: refuse them).",
                bool, flag="--cpu-fallback/--no-cpu-fallback"),
+        Option("recipe", "npu", "int8 recipe: npu (AIMET for Qualcomm HTP, as `ffexport onnx --recipe npu`: every "
+                                "conv's weights int8, 16-bit activations only where measured to need them; "
+                                "docs/quantization-npu.md) or ort (onnxruntime's QNN QDQ recipe, u8/u8: measured "
+                                "far less accurate).", str, ("npu", "ort")),
     ))

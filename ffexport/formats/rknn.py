@@ -24,7 +24,7 @@ from ..errors import FFExportError
 from ..log import log, verbose
 from ..meta import artifact_metadata
 from ..runner import Runner
-from .base import Format, Option
+from .base import Format, Option, placement_line
 
 PLATFORMS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562")
 SIMULATOR = "rknn-toolkit2 x86 simulator"
@@ -51,10 +51,8 @@ def runnable():
     return None
 
 
-def placement_line(place: dict) -> str:
-    npu, cpu = sum(place.get("NPU", {}).values()), place.get("CPU", {})
-    rest = ", ".join(f"{v} {k}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
-    return f"{npu}/{npu + sum(cpu.values())} layers on the NPU" + (f"; on the CPU: {rest}" if cpu else "")
+def placement_text(place: dict) -> str:
+    return placement_line(sum(place.get("NPU", {}).values()), place.get("CPU", {}), "layers", "the NPU")
 
 
 def _rules(opts) -> str | None:
@@ -68,12 +66,51 @@ def _rules(opts) -> str | None:
     return None
 
 
+def toolkit_qdq(proto) -> int:
+    """AIMET's QDQ graph (`--recipe npu`) as rknn-toolkit2 2.5.0 loads it; returns the 16-bit Q/DQ nodes dropped.
+
+    The toolkit reads an already-quantized ONNX (built with do_quantization=False, its Q/DQ become int8
+    layers with AIMET's scales) but only up to opset 19 ("Unsupport onnx opset 21, need <= 19!", measured),
+    and opset 19 has no 16-bit QuantizeLinear: the 16-bit Q/DQ pairs are removed, so those tensors run in
+    the toolkit's float16. GridSample's opset-20 mode names go back to opset 19's."""
+    init = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    drop, bypass = set(), {}
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in init and \
+                init[n.input[2]].data_type in (4, 5):  # UINT16, INT16
+            drop.add(n.name)
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].name in drop:
+            drop.add(n.name)
+            bypass[n.output[0]] = producer[n.input[0]].input[0]
+    nodes = [n for n in proto.graph.node if n.name not in drop]
+    for n in nodes:
+        for i, t in enumerate(n.input):
+            while t in bypass:
+                t = bypass[t]
+            n.input[i] = t
+        if n.op_type == "GridSample":
+            for a in n.attribute:
+                if a.name == "mode":
+                    a.s = {b"linear": b"bilinear", b"cubic": b"bicubic"}.get(a.s, a.s)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = min(op.version, 19)
+    proto.ir_version = min(proto.ir_version, 9)
+    return len(drop)
+
+
 def _build(onnx_path: Path, platform: str, quantize, calib, export=None):
     """A worker with the model built (and exported to `export`); returns (worker, build notes)."""
     worker = envs.Worker("rknn", "ffexport.rknn_worker", verbose=verbose())
     try:
-        notes, _ = worker.call("build", {"calib": calib} if calib is not None else None, onnx=str(onnx_path),
-                               platform=platform, quantize=quantize, export=str(export) if export else None)
+        # Absolute paths: the worker runs in its own working directory (envs.Worker), not the caller's.
+        notes, _ = worker.call("build", {"calib": calib} if calib is not None else None,
+                               onnx=str(Path(onnx_path).resolve()), platform=platform, quantize=quantize,
+                               export=str(Path(export).resolve()) if export else None)
     except BaseException:
         worker.close()
         raise
@@ -90,7 +127,10 @@ def export_rknn(model, name, out, opts) -> dict:
     extra = {"target": "rknn", "platform": platform, "precision": "int8" if int8 else "fp16",
              "quantization": "w8a8" if int8 else "none", "measured_on": SIMULATOR}
     calib = None
-    if int8:
+    npu = int8 and opts.extra.get("recipe") == "npu"
+    if npu:
+        extra["quantization"] = "int8"
+    elif int8:
         from ffexport import calibration
 
         root = calibration.find_widerface(opts.calib)
@@ -101,20 +141,32 @@ def export_rknn(model, name, out, opts) -> dict:
     with tempfile.TemporaryDirectory(prefix="ffexport-rknn-") as tmp:
         src = Path(tmp) / "source.onnx"
         export_onnx(model, name, src, size, False, 19, opts.dcn)
-        worker, notes = _build(src, platform, opts.quantize if int8 else None, calib, export=out)
+        if npu:
+            from .onnx.npu_int8 import quantize_npu
+
+            qdq = Path(tmp) / "qdq.onnx"
+            got = quantize_npu(src, qdq, size, opts.calib, opts.calib_size)
+            proto = onnx.load(str(qdq))
+            dropped = toolkit_qdq(proto)
+            onnx.save(proto, str(src))
+            extra.update({k: got[k] for k in ("int8_recipe", "npu_steps", "int8_convs", "w8a16_convs")})
+            extra["calibration"] = (f"{got['calibration']}; the toolkit builds AIMET's 8-bit ranges as they are "
+                                    f"({dropped} 16-bit Q/DQ nodes removed: those tensors run float16)")
+        # AIMET's file carries its ranges: the toolkit builds it without quantizing again.
+        worker, notes = _build(src, platform, opts.quantize if int8 and not npu else None, calib, export=out)
         worker.close()
         np.savez_compressed(sim_source(out), onnx=np.frombuffer(src.read_bytes(), np.uint8),
                             **({"calib": calib} if calib is not None else {}))
     place = notes["placement"]
     if not sum(place.get("NPU", {}).values()):
-        raise FFExportError(f"rknn-toolkit2 placed no layer on the NPU ({placement_line(place)}): report this as an "
+        raise FFExportError(f"rknn-toolkit2 placed no layer on the NPU ({placement_text(place)}): report this as an "
                             f"ffexport bug")
     meta = artifact_metadata(model, name, size, opts.dcn, runtime=notes["toolkit"], **extra)
     meta["placement"] = place
     sidecar(out).write_text(json.dumps(meta, indent=1))
-    log(f"placement ({notes['toolkit']}, {platform}): {placement_line(place)}")
+    log(f"placement ({notes['toolkit']}, {platform}): {placement_text(place)}")
     return {"dcn": opts.dcn, "precision": extra["precision"], "quantization": extra["quantization"],
-            "placement": placement_line(place)}
+            "placement": placement_text(place)}
 
 
 class RknnRunner(Runner):
@@ -139,6 +191,7 @@ class RknnRunner(Runner):
                                 f"it; re-export with 'ffexport rknn' and keep the three files together")
         self.model, self.platform = self.meta["model"], self.meta["platform"]
         self.precision = "int8" if self.meta.get("quantization", "none") != "none" else "fp16"
+        self.tolerance = "fp16-npu" if self.precision == "fp16" else None
         self.input_size = tuple(int(v) for v in self.meta["input_size"].split("x"))
         self.placement = self.meta.get("placement", {})
         with np.load(sim_source(path)) as z:
@@ -169,4 +222,8 @@ FORMAT = Format(
     suffixes=(".rknn",), export=export_rknn, runner=lambda path, threads=None: RknnRunner(path, threads),
     dcn_forms=("grid", "fold", "native"), precisions=("fp16",), quantize=("int8",), extra="rknn",
     available=runnable, runnable=runnable, files=files, rules=(_rules,),
-    options=(Option("platform", "rk3588", "Rockchip SoC the .rknn is built for.", str, PLATFORMS),))
+    options=(Option("platform", "rk3588", "Rockchip SoC the .rknn is built for.", str, PLATFORMS),
+             Option("recipe", "toolkit", "int8 recipe: toolkit (rknn-toolkit2's own w8a8 quantizer) or npu (AIMET's "
+                                         "ranges, as `ffexport onnx --recipe npu`, loaded by the toolkit as a QDQ "
+                                         "ONNX; AIMET's 16-bit tensors run float16; docs/npu.md).",
+                    str, ("toolkit", "npu"))))

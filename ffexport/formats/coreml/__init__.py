@@ -6,13 +6,16 @@ so an app feeds a CVPixelBuffer directly; `input_type="tensor"` gives the raw NC
 Outputs are float32 `loc`, `conf`, `landmarks`, exactly the ONNX contract.
 
 --nms puts decoding, NMS and the landmark gather in the program (coreml/nms.py): outputs boxes, scores,
-landmarks, count, the padded end-to-end contract of ffexport/e2e.py.
+landmarks, count, the padded end-to-end contract of ffexport/e2e.py. --vision writes the pipeline Vision reads
+(coreml/vision.py): the program decodes boxes, Core ML's NonMaximumSuppression model suppresses them, with
+the thresholds as inputs; boxes and confidences only, no landmarks.
 
 Core ML runs only on macOS. Off macOS the runner is ffexport's MIL reference evaluator (coreml/mil.py): the
 package's own program, loaded back with coremltools' milproto loader and evaluated op by op; its numbers
 are labelled "MIL reference evaluation" (graph semantics, not Apple's kernels). Activation quantization
 calibrates by running the model with Core ML, so it happens only on macOS.
 """
+import json
 import logging
 import sys
 import time
@@ -83,6 +86,16 @@ def _check_args(out, input_size, precision, quantize, input_type, dcn, calib_siz
     return h, w
 
 
+def vision_problem(nms, vision, input_type) -> str | None:
+    """Why --vision cannot be combined so (the Format rule and export_coreml's own check), or None."""
+    if vision and nms:
+        return ("--vision and --nms are two different detection packages (--vision: Vision's pipeline, boxes and "
+                "confidences only; --nms: the program with landmarks): choose one")
+    if vision and input_type != "image":
+        return "--vision is for Vision, which feeds images: drop --input-type tensor"
+    return None
+
+
 def _export_program(model, dcn, shape):
     import torch
 
@@ -142,7 +155,7 @@ def _compute_precision(ct, precision):
 
     if precision == "fp32":
         return ct.precision.FLOAT32
-    # The --nms post-processing (ops named PREFIX) stays fp32: pixel coordinates need it (coreml/nms.py).
+    # The --nms / --vision post-processing (ops named PREFIX) stays fp32: coordinates need it (coreml/nms.py).
     return ct.transform.FP16ComputePrecision(
         op_selector=lambda op: not op.name.startswith(PREFIX) and not _feeds_integer_index(op)
         and not _feeds_coordinates(op))
@@ -173,7 +186,7 @@ def _quantize_activations(mlmodel, calib, calib_size, size, input_type):
 
 
 def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", quantize=None, calib=None,
-                  calib_size=100, input_type="image", dcn="grid", nms=None) -> None:
+                  calib_size=100, input_type="image", dcn="grid", nms=None, vision=None) -> None:
     """Write `out` (.mlpackage): an ML Program with input `input` and float32 outputs loc/conf/landmarks.
 
     quantize="int8": per-channel linear (symmetric) int8 for every weight tensor above coremltools'
@@ -184,8 +197,20 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
 
     nms (NmsOptions): decoding, threshold, NMS and landmarks in the program (coreml/nms.py); the outputs are
     then boxes, scores, landmarks, count: the padded end-to-end contract of ffexport/e2e.py.
+
+    vision (NmsOptions, or True for the defaults): the pipeline Vision reads (coreml/vision.py): this program
+    decodes raw_coordinates/raw_confidence, Core ML's NonMaximumSuppression model outputs coordinates and
+    confidence, with confidenceThreshold/iouThreshold inputs defaulting to vision.conf/iou and at most
+    vision.max_det boxes. No landmarks.
     """
     h, w = _check_args(out, input_size, precision, quantize, input_type, dcn, calib_size)
+    if vision is True:
+        from ..base import NmsOptions
+
+        vision = NmsOptions()
+    problem = vision_problem(nms, vision, input_type)
+    if problem:
+        raise FFExportError(problem)
     ct = _ct()
     activations = quantize == "int8" and ON_MACOS
     if quantize == "int8" and not ON_MACOS:
@@ -203,6 +228,11 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
 
         register()
         net = Detector(model, (h, w), nms)
+    elif vision:
+        from . import vision as vision_pipeline
+
+        vision_pipeline.register()
+        net = vision_pipeline.Detector(model, (h, w))
     ep = _export_program(net, dcn, shape)
     log(f"  torch.export: {time.time() - t0:.1f} s")
 
@@ -214,7 +244,11 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
         inputs = [ct.TensorType(name=user_input, shape=shape, dtype=np.float32)]
     from .nms import OUTPUTS as E2E_OUTPUTS
 
-    names = E2E_OUTPUTS if nms is not None else OUTPUTS
+    from .vision import RAW as VISION_RAW
+
+    names = E2E_OUTPUTS if nms is not None else VISION_RAW if vision else OUTPUTS
+    # float32 outputs even from an fp16 program: the app's contract, and for --vision what the
+    # NonMaximumSuppression model reads (its proto asks for double/float multi-arrays, not fp16).
     outputs = [ct.TensorType(name=o, dtype=np.int32 if o == "count" else np.float32) for o in names]
     target = ct.target.iOS17 if activations else ct.target.iOS16
     t = time.time()
@@ -250,6 +284,12 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
             mlmodel = linear_quantize_weights(mlmodel, cfg)
         log(f"  weights: int8 per-channel ({time.time() - t:.1f} s)")
         quant_note = "int8-weights+activations" if activations else "int8-weights"
+    if vision:
+        from . import vision as vision_pipeline
+
+        t = time.time()
+        mlmodel = vision_pipeline.pipeline(ct, mlmodel, vision.conf, vision.iou, vision.max_det)
+        log(f"  pipeline with Core ML's NonMaximumSuppression model ({time.time() - t:.1f} s)")
 
     meta = artifact_metadata(model, name, (h, w), dcn, quantization=quant_note, precision=precision,
                              input_type=input_type, minimum_target=TARGETS[mlmodel.get_spec().specificationVersion])
@@ -259,6 +299,23 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
         meta.update(e2e_metadata(nms, False, (h, w), padded=True))
         if input_type == "image":
             meta["input_format"] = "Core ML image (CVPixelBuffer) BGR 0..255; the program subtracts (104, 117, 123)"
+    if vision:
+        from ...e2e import letterbox_rule
+        from .vision import CLASSES, LABELS
+
+        meta.update({
+            "nms": "vision-pipeline", "conf_threshold": str(vision.conf), "iou_threshold": str(vision.iou),
+            "max_det": str(vision.max_det), "letterbox": json.dumps(letterbox_rule((h, w))),
+            "input_format": "Core ML image (CVPixelBuffer) BGR 0..255; the program subtracts (104, 117, 123)",
+            "thresholds": f"inputs confidenceThreshold (default {vision.conf:g}) and iouThreshold (default "
+                          f"{vision.iou:g}), optional doubles; at most {vision.max_det} boxes (fixed)",
+            "outputs": "boxes and confidences only, no landmarks (ffexport coreml --nms keeps them): confidence "
+                       f"(K, {CLASSES}) column 0 = face, coordinates (K, 4) centre x, centre y, width, height "
+                       "normalized to the input, K <= max_det, for Vision's VNRecognizedObjectObservation",
+            "landmarks": "none", "classes": ", ".join(LABELS),
+            "class_padding": f"confidence has {CLASSES} columns, 1 real (face) and {CLASSES - 1} zero: Core ML's NMS "
+                             f"behind an ML Program has returned wrong boxes for class counts that are not "
+                             f"multiples of 80 (ultralytics/ultralytics#22309)"})
     mlmodel.user_defined_metadata.update(meta)
     mlmodel.author = "ffexport"
     mlmodel.license = LICENSE
@@ -268,14 +325,24 @@ def export_coreml(model, name, out, input_size=(640, 640), precision="fp16", qua
         f"{', ' + quant_note if quantize else ''}): " + (
             f"boxes, scores, landmarks of at most {nms.max_det} faces (conf > {nms.conf:g}, NMS IoU {nms.iou:g}) "
             f"in input pixels, count valid rows" if nms is not None else
+            f"Vision pipeline: boxes and confidences of at most {vision.max_det} faces (confidenceThreshold "
+            f"default {vision.conf:g}, iouThreshold default {vision.iou:g}), no landmarks" if vision else
             "loc (1,N,4), conf (1,N,2) softmaxed, landmarks (1,N,10) in prior order; decode with the priors in "
             "the metadata"))
     mlmodel.input_description["input"] = (
         f"{w}x{h} BGR image (letterboxed, top-left aligned); the model subtracts the mean (104,117,123)"
         if input_type == "image" else f"float32 (1,3,{h},{w}) BGR NCHW minus the mean (104,117,123), no scaling")
+    if vision:
+        from .vision import CLASSES, OUTPUTS as VISION_OUTPUTS, THRESHOLD_INPUTS
+
+        names = VISION_OUTPUTS
+        for i, default in zip(THRESHOLD_INPUTS, (vision.iou, vision.conf)):
+            mlmodel.input_description[i] = f"(optional) {i} override (default {default:g})"
     descriptions = (("box regression against the priors (variances 0.1, 0.2)",
                      "background/face probabilities (softmaxed)", "5 landmark (x,y) offsets against the priors")
-                    if nms is None else
+                    if nms is None and not vision else
+                    (f"(K, {CLASSES}) confidence: column 0 face, the others zero padding",
+                     "(K, 4) centre x, centre y, width, height normalized to the input") if vision else
                     (f"({nms.max_det}, 4) x1, y1, x2, y2 in input pixels, descending score, zero past count",
                      f"({nms.max_det},) face probability", f"({nms.max_det}, 10) 5 landmark x, y pairs in input pixels",
                      "(1,) int32: how many rows are faces"))
@@ -447,16 +514,51 @@ class CoreMLRunner(Runner):
         self.input_size = tuple(int(v) for v in meta["input_size"].split("x"))
         self.image_input = meta.get("input_type", "image") == "image"
         self.end_to_end = meta.get("nms") == "in-graph"
+        spec = self.mlmodel.get_spec()
+        self.vision = self._vision(spec) if spec.WhichOneof("Type") == "pipeline" else None
         if not ON_MACOS:
             from .mil import LABEL, Program
 
-            self.program = Program(self.mlmodel)
+            self.program = Program(self.mlmodel, spec.pipeline.models[0] if self.vision else None)
             self.kind, self.evaluation = "coreml (MIL reference evaluation)", LABEL
+            if self.vision:
+                self.evaluation += "; its NonMaximumSuppression model by ffexport's numpy reference of the proto"
+
+    def _vision(self, spec):
+        """A --vision pipeline: an ML Program, then Core ML's NonMaximumSuppression model. Everything the runner
+        uses (input size, thresholds, box bound, labels) is read from the spec, not from ffexport's metadata."""
+        from .vision import NmsStage
+
+        models = list(spec.pipeline.models)
+        if (len(models) != 2 or models[0].WhichOneof("Type") != "mlProgram"
+                or models[1].WhichOneof("Type") != "nonMaximumSuppression"):
+            kinds = ", ".join(m.WhichOneof("Type") for m in models)
+            raise FFExportError(f"{self.path} is a Core ML pipeline of {kinds}, not ffexport's (ML Program + "
+                                f"NonMaximumSuppression): re-export it with 'ffexport coreml --vision'")
+        image = spec.description.input[0].type.imageType
+        self.input_size, self.image_input = (int(image.height), int(image.width)), True
+        self.end_to_end, self.landmarks, self.feeds = True, False, {}
+        return NmsStage(models[1])
+
+    def configure(self, conf=None, iou=None, max_det=None) -> dict:
+        # A --vision pipeline takes its thresholds as inputs (defaults in its NMS model): a caller's are fed, as
+        # ONNX --nms does; the box bound is fixed by the NMS model's output shape.
+        if self.vision is None:
+            return super().configure(conf, iou, max_det)
+        stage = self.vision
+        for key, value in (("conf", conf), ("iou", iou)):
+            if value is not None and stage.threshold_inputs[key]:
+                self.feeds[key] = float(value)
+        self.applied = {"conf": self.feeds.get("conf", stage.conf), "iou": self.feeds.get("iou", stage.iou),
+                        "max_det": stage.max_boxes}
+        return self.applied
 
     def describe(self):
         return super().describe() + (f" — {self.evaluation}" if self.evaluation else "")
 
     def __call__(self, x):
+        if self.vision is not None:
+            return self._detect_vision(x)
         if ON_MACOS:
             out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
         else:
@@ -470,6 +572,24 @@ class CoreMLRunner(Runner):
 
             return detections_from_outputs(out)
         return tuple(np.asarray(out[k], np.float32) for k in OUTPUTS)
+
+
+    def _detect_vision(self, x):
+        """(boxes (K, 4) in input pixels, face scores (K,), landmarks (K, 0): the pipeline has none)."""
+        from .vision import to_pixels
+
+        stage = self.vision
+        if ON_MACOS:
+            feed = {"input": _to_pil(x[0]), **{stage.threshold_inputs[k]: v for k, v in self.feeds.items()}}
+            out = self.mlmodel.predict(feed)
+            confidence, coordinates = (out[n] for n in stage.outputs)
+        else:
+            pixels = np.clip(np.rint(x + np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)), 0, 255)
+            raw = self.program(input=np.asarray(pixels, np.float32))
+            confidence, coordinates = stage(*(raw[n] for n in stage.inputs), iou=self.feeds.get("iou"),
+                                            conf=self.feeds.get("conf"))
+        boxes, scores = to_pixels(confidence, coordinates, self.input_size, stage.labels)
+        return boxes, scores, np.zeros((len(scores), 0), np.float32)
 
 
 def is_package(path) -> bool:
@@ -501,7 +621,11 @@ def _timeable():
 
 def _export(model, name, out, opts):
     return export_coreml(model, name, out, opts.input_size, opts.precision, opts.quantize, opts.calib,
-                         opts.calib_size, opts.extra["input_type"], opts.dcn, opts.nms)
+                         opts.calib_size, opts.extra["input_type"], opts.dcn, opts.nms, opts.extra["vision"] or None)
+
+
+def _vision_rule(opts):
+    return vision_problem(opts.nms, opts.extra.get("vision"), opts.extra.get("input_type", "image"))
 
 
 FORMAT = Format(
@@ -509,6 +633,9 @@ FORMAT = Format(
     suffixes=(".mlpackage",), dcn_forms=DCN_FORMS, precisions=PRECISIONS, quantize=("int8",), extra="coreml",
     export=_export,
     runner=lambda path, threads=None: CoreMLRunner(path), available=_available, runnable=_runnable, own_folder=is_package,
-    nms=True, timeable=_timeable,
+    nms=True, timeable=_timeable, rules=(_vision_rule,),
     options=(Option("input_type", "image", "image: a CVPixelBuffer (BGR, mean subtracted in the model); "
-                                           "tensor: float NCHW.", str, INPUT_TYPES),))
+                                           "tensor: float NCHW.", str, INPUT_TYPES),
+             Option("vision", False, "The pipeline Vision reads (VNRecognizedObjectObservation): boxes and "
+                                     "confidences, no landmarks; thresholds are inputs (docs/coreml.md).", bool,
+                    flag="--vision", thresholds=True)))

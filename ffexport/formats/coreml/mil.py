@@ -280,12 +280,15 @@ def _as_tensor(val):
 
 
 class Program:
-    """A loaded ML Program, ready to evaluate: `Program(mlmodel)(input=array)` -> {output name: numpy}."""
+    """A loaded ML Program, ready to evaluate: `Program(mlmodel)(input=array)` -> {output name: numpy}.
 
-    def __init__(self, mlmodel):
+    `spec`: one model of a pipeline package (`mlmodel`), whose weights are in the package's weights folder
+    under their own file name (make_pipeline gives model i "i-weight.bin"; the loader resolves names there)."""
+
+    def __init__(self, mlmodel, spec=None):
         from coremltools.converters.mil.frontend.milproto.load import load
 
-        spec = mlmodel.get_spec()
+        spec = spec if spec is not None else mlmodel.get_spec()
         if spec.WhichOneof("Type") != "mlProgram":
             raise FFExportError(f"the reference evaluator reads ML Programs, not a {spec.WhichOneof('Type')} "
                                 f"model: re-export it with 'ffexport coreml'")

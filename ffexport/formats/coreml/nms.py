@@ -76,6 +76,29 @@ def register():
     _REGISTERED.append(True)
 
 
+def _cols(mb, x, a, b, rows, name):
+    return mb.slice_by_index(x=x, begin=[0, a], end=[rows, b], name=name("cols"))
+
+
+def top_boxes(mb, loc, conf, pri, k, name):
+    """The k anchors of highest face score and their decoded boxes (centre x, centre y, width, height in the
+    units of `pri`, the (N, 4) priors): (top_s (1, k) by descending score, idx (k,), pri_k, boxes (k, 4)).
+    Shared by --nms (pixel priors) and --vision (normalized priors, coreml/vision.py)."""
+    n = loc.shape[1]
+    score = mb.reshape(x=mb.slice_by_index(x=conf, begin=[0, 0, 1], end=[1, n, 2], name=name("face")),
+                       shape=[1, n], name=name("score"))
+    top_s, top_i = mb.topk(x=score, k=k, axis=1, name=name("topk"))
+    idx = mb.reshape(x=top_i, shape=[k], name=name("idx"))
+    loc_k = mb.gather(x=mb.reshape(x=loc, shape=[n, 4], name=name("loc")), indices=idx, axis=0, name=name("g"))
+    pri_k = mb.gather(x=pri, indices=idx, axis=0, name=name("g"))
+    pc, ps = _cols(mb, pri_k, 0, 2, k, name), _cols(mb, pri_k, 2, 4, k, name)
+    centre = mb.add(x=pc, y=mb.mul(x=mb.mul(x=_cols(mb, loc_k, 0, 2, k, name), y=np.float32(VARIANCES[0]),
+                                           name=name("m")), y=ps, name=name("m")), name=name("centre"))
+    size = mb.mul(x=ps, y=mb.exp(x=mb.mul(x=_cols(mb, loc_k, 2, 4, k, name), y=np.float32(VARIANCES[1]),
+                                         name=name("m")), name=name("exp")), name=name("size"))
+    return top_s, idx, pri_k, mb.concat(values=[centre, size], axis=1, name=name("boxes_c"))
+
+
 def build(mb, loc, conf, landm, h, w, conf_t, iou, max_det):
     """The MIL post-processing ops; returns (boxes, scores, landmarks, count) Vars."""
     n = loc.shape[1]
@@ -86,22 +109,11 @@ def build(mb, loc, conf, landm, h, w, conf_t, iou, max_det):
         return f"{PREFIX}{what}_{next(counter)}"
 
     def cols(x, a, b, rows):
-        return mb.slice_by_index(x=x, begin=[0, a], end=[rows, b], name=name("cols"))
+        return _cols(mb, x, a, b, rows, name)
 
     pri = (priors(h, w) * np.array([w, h, w, h], np.float32)).astype(np.float32)  # pixels: cx, cy, w, h
-    score = mb.reshape(x=mb.slice_by_index(x=conf, begin=[0, 0, 1], end=[1, n, 2], name=name("face")),
-                       shape=[1, n], name=name("score"))
-    top_s, top_i = mb.topk(x=score, k=k, axis=1, name=name("topk"))
-    idx = mb.reshape(x=top_i, shape=[k], name=name("idx"))
-    loc_k = mb.gather(x=mb.reshape(x=loc, shape=[n, 4], name=name("loc")), indices=idx, axis=0, name=name("g"))
+    top_s, idx, pri_k, boxes_c = top_boxes(mb, loc, conf, pri, k, name)  # NMS takes centre, size
     landm_k = mb.gather(x=mb.reshape(x=landm, shape=[n, 10], name=name("lm")), indices=idx, axis=0, name=name("g"))
-    pri_k = mb.gather(x=pri, indices=idx, axis=0, name=name("g"))
-    pc, ps = cols(pri_k, 0, 2, k), cols(pri_k, 2, 4, k)
-    centre = mb.add(x=pc, y=mb.mul(x=mb.mul(x=cols(loc_k, 0, 2, k), y=np.float32(VARIANCES[0]), name=name("m")),
-                                   y=ps, name=name("m")), name=name("centre"))
-    size = mb.mul(x=ps, y=mb.exp(x=mb.mul(x=cols(loc_k, 2, 4, k), y=np.float32(VARIANCES[1]), name=name("m")),
-                                 name=name("exp")), name=name("size"))
-    boxes_c = mb.concat(values=[centre, size], axis=1, name=name("boxes_c"))  # NMS takes centre, size
     # MIL rejects scores below the threshold; the host keeps scores strictly above conf: the next float32 up.
     thr = float(np.nextafter(np.float32(conf_t), np.float32(1)))
     _, _, kept, count = mb.non_maximum_suppression(

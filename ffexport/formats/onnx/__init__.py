@@ -263,8 +263,9 @@ FORMAT = Format(
         Option("calib_method", "percentile", "int8 calibration method.", str, ("minmax", "entropy", "percentile")),
         Option("per_channel", True, "int8 weight granularity.", bool, flag="--per-channel/--per-tensor"),
         Option("recipe", "cpu", "int8 recipe: cpu (int8 where onnxruntime-CPU gains, sensitive convs float) or npu "
-                                "(every conv int8 weights via AIMET, 16-bit activations only for DCN offsets, heads "
-                                "and the measured most sensitive convs; docs/quantization-npu.md).",
+                                "(AIMET for Qualcomm HTP: every conv's weights int8, 16-bit activations only for "
+                                "conv-free elementwise tensors and at most 4 sensitive convs; "
+                                "docs/quantization-npu.md).",
                str, ("cpu", "npu")),
         Option("target_db", 50.0, "int8: keep the worst convs float until the conf output reaches this SQNR on "
                                   "calibration images (lower: more int8, less faithful; see docs/quantization.md).", float,
