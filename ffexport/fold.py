@@ -43,7 +43,7 @@ def fold_cost(keep=DEFAULT_KEEP, name="v2", calib_size=None) -> str:
     if calib_size is not None and calib_size != FOLD_FIT_IMAGES[at]:
         fit += f"; this export fits {calib_size}"
     if FOLD_FIT[at] != CLI_FIT:
-        fit += f", this export's fit adds the reconstruction: not measured at this --fold-keep"
+        fit += ", this export's fit adds the reconstruction: not measured at this --fold-keep"
     head = f"measured on the WIDER FACE val subset ({_FOLD['images']} images, 640x640, {fit})"
     if name != "v2":
         head = f"not measured for {name}; for V2, {head}"

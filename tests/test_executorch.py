@@ -60,6 +60,18 @@ def test_tiny_roundtrip_matches_pytorch_and_times_the_runtime(tmp_path, where):
     r.close()
 
 
+def _parity_on_photos(tmp_path, artifact) -> dict:
+    """`ffexport parity ARTIFACT` over the shared photos (PHOTOS, a folder of links to them): its JSON report."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in PHOTOS:
+        (photos / p.name).symlink_to(p)
+    report_path = tmp_path / "parity.json"
+    res = run_cli("parity", artifact, "--images", photos, "--json", report_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(report_path.read_text())
+
+
 def test_v2_export_then_parity_on_real_photos(tmp_path, where):
     """The CLI as a user runs it: `ffexport executorch` (checked against PyTorch before it is moved into
     place), then `ffexport parity` on the .pte: tensors and detections within the fp32 tolerances."""
@@ -67,14 +79,7 @@ def test_v2_export_then_parity_on_real_photos(tmp_path, where):
     res = run_cli("executorch", "--input-size", "160", "-o", out)
     assert res.returncode == 0, res.stderr
     assert out.read_bytes()[4:8] == b"ET12"  # ExecuTorch's flatbuffer identifier
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in PHOTOS:
-        (photos / p.name).symlink_to(p)
-    report_path = tmp_path / "parity.json"
-    res = run_cli("parity", out, "--images", photos, "--json", report_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    report = json.loads(report_path.read_text())
+    report = _parity_on_photos(tmp_path, out)
     det = report["detections"]
     assert report["passed"] and report["images"] == 2 and report["precision"] == "fp32", report
     assert det["ref_count"] >= 4 and det["matched"] >= TOLERANCES["fp32"]["matched"], det  # faces at 160x160
@@ -91,14 +96,7 @@ def test_v2_end_to_end_image_input_file_runs_and_matches(tmp_path, where):
     r = executorch.ExecuTorchRunner(out, threads=1)
     assert r.end_to_end and r.image_input and r.input_size == (160, 160)
     r.close()
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in PHOTOS:
-        (photos / p.name).symlink_to(p)
-    report_path = tmp_path / "parity.json"
-    res = run_cli("parity", out, "--images", photos, "--json", report_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    det = json.loads(report_path.read_text())["detections"]
+    det = _parity_on_photos(tmp_path, out)["detections"]
     assert det["ref_count"] >= 4 and det["matched"] == 1.0 and det["ap"] >= 0.99, det
 
 
