@@ -55,6 +55,32 @@ def test_undeployable_forms_are_refused_with_the_measured_reason(fmt, args, frag
     assert not list(tmp_path.iterdir())
 
 
+def test_npu_recipe_rule_is_one_check_for_every_format_that_takes_it(tmp_path, monkeypatch):
+    """--recipe npu: refused without --quantize int8 where it is not the default (onnx, rknn), unused by a
+    float qnn export (its default), and named with its install line and the format's other recipe when
+    AIMET is absent (the CI install has no AIMET: the refusal comes before any work)."""
+    import importlib.util
+
+    from ffexport import formats
+    from ffexport.formats.base import ExportOptions
+
+    for fmt in ("onnx", "rknn"):
+        result = run_cli(fmt, "--recipe", "npu", "-o", tmp_path / f"x.{fmt}")
+        assert_one_line_error(result, "--recipe npu is an int8 recipe", "--quantize int8")
+    assert not list(tmp_path.iterdir())
+
+    def rules(name, **kw):
+        opts = ExportOptions(extra={"recipe": "npu"}, **kw)
+        return [r(opts) for r in formats.get(name).rules if r(opts)]
+
+    assert rules("qnn") == []
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "aimet_onnx" else find_spec(m, *a))
+    for name, other in (("onnx", "cpu"), ("qnn", "ort"), ("rknn", "toolkit")):
+        (msg,) = rules(name, quantize="int8")
+        assert "needs AIMET for ONNX: pip install aimet-onnx==2.42.0" in msg and msg.endswith(f"(or --recipe {other})")
+
+
 def test_suffixes_pick_the_npu_runners():
     from ffexport import formats
 

@@ -20,6 +20,7 @@ from ..errors import FFExportError
 from ..log import log, quiet
 from ..runner import OUTPUTS, Runner
 from .base import Format, Option, missing_modules, placement_line
+from .onnx.npu_int8 import recipe_rule
 
 FIX = "pip install 'ffexport[qnn]'"
 EP = "QNNExecutionProvider"
@@ -107,15 +108,6 @@ def _rules_form(opts) -> str | None:
     if opts.dcn == "fold" and opts.fold_keep != 0:
         return ("--dcn fold keeps DCNs exact (DeformConv, which QNN cannot run) unless --fold-keep 0: add "
                 "--fold-keep 0, or use --dcn grid (exact, wholly on HTP)")
-    return None
-
-
-def _rules_recipe(opts) -> str | None:
-    if opts.extra.get("recipe", "npu") == "npu" and opts.quantize == "int8":
-        from .onnx.npu_int8 import INSTALL
-
-        if missing_modules(("aimet_onnx",), INSTALL):
-            return f"--quantize int8 --recipe npu needs AIMET for ONNX: {INSTALL} (or --recipe ort)"
     return None
 
 
@@ -258,7 +250,7 @@ FORMAT = Format(
                 "simulator)",
     suffixes=(".qnn.onnx",), export=export_qnn, runner=lambda path, threads=None: QnnRunner(path, threads),
     dcn_forms=("grid", "fold", "native", "rows"), precisions=("fp16",), quantize=("int8",), extra="qnn",
-    available=runnable, runnable=runnable, rules=(_rules_form, _rules_recipe),
+    available=runnable, runnable=runnable, rules=(_rules_form, recipe_rule("npu", "ort")),
     options=(
         Option("soc", "SM8650", "Snapdragon SoC the HTP graph targets.", str, tuple(SOCS)),
         Option("cpu_fallback", False, "Let nodes HTP cannot run fall back to the CPU (default: refuse them).",

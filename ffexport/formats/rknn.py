@@ -25,6 +25,7 @@ from ..log import log, verbose
 from ..meta import artifact_metadata
 from ..runner import Runner
 from .base import Format, Option, placement_line
+from .onnx.npu_int8 import recipe_rule
 
 PLATFORMS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562")
 SIMULATOR = "rknn-toolkit2 x86 simulator"
@@ -221,7 +222,7 @@ FORMAT = Format(
                 "simulator)",
     suffixes=(".rknn",), export=export_rknn, runner=lambda path, threads=None: RknnRunner(path, threads),
     dcn_forms=("grid", "fold", "native"), precisions=("fp16",), quantize=("int8",), extra="rknn",
-    available=runnable, runnable=runnable, files=files, rules=(_rules,),
+    available=runnable, runnable=runnable, files=files, rules=(_rules, recipe_rule("toolkit", "toolkit")),
     options=(Option("platform", "rk3588", "Rockchip SoC the .rknn is built for.", str, PLATFORMS),
              Option("recipe", "toolkit", "int8 recipe: toolkit (rknn-toolkit2's own w8a8 quantizer) or npu (AIMET's "
                                          "ranges, as `ffexport onnx --recipe npu`, loaded by the toolkit as a QDQ "

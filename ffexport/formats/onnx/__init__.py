@@ -15,6 +15,7 @@ from ...errors import FFExportError
 from ...log import log, quiet
 from ...meta import artifact_metadata
 from ..base import Format, Option
+from .npu_int8 import recipe_rule
 from ...runner import OUTPUTS, Runner
 
 MIN_OPSET, MAX_OPSET = 16, 20  # GridSample needs 16; DeformConv needs 19
@@ -189,8 +190,6 @@ def _export(model, name, out, opts):
     x = opts.extra
     import onnx
 
-    if x.get("recipe", "cpu") == "npu" and opts.quantize != "int8":
-        raise FFExportError("--recipe npu is an int8 recipe: add --quantize int8")
     if opts.quantize:
         from .quantize import quantize_onnx
 
@@ -255,7 +254,7 @@ FORMAT = Format(
     description="ONNX (opset 19, simplified), run with onnxruntime; fp32, fp16 or int8 (QDQ, calibrated)",
     suffixes=(".onnx",), export=_export, runner=lambda path, threads=None: OnnxRunner(path, threads),
     dcn_forms=("auto", "native", "grid", "gather", "rows", "fold"), quantize=("int8", "fp16"), dynamic=True, arm=arm_job,
-    nms=True, image_input=True,
+    nms=True, image_input=True, rules=(recipe_rule("cpu", "cpu"),),
     options=(
         Option("opset", 19, f"ONNX opset {MIN_OPSET}..{MAX_OPSET} (DeformConv needs 19).", int),
         Option("simplify", True, "Simplify with onnxsim (verified; kept unsimplified if it fails).", bool,

@@ -65,6 +65,24 @@ NPU_SUPPORT = {s.op_type: s for s in [
 ]}
 
 
+def recipe_rule(default: str, other: str):
+    """The Format.rules entry of a format whose int8 takes `--recipe npu` (onnx, qnn, rknn), checked before
+    any work: `default` is the format's own recipe default, `other` the recipe to name when AIMET is missing."""
+    from ..base import missing_modules
+
+    def rule(opts) -> str | None:
+        if opts.extra.get("recipe", default) != "npu":
+            return None
+        if opts.quantize != "int8":
+            # Where npu is the default (qnn), a float export simply does not use it.
+            return None if default == "npu" else "--recipe npu is an int8 recipe: add --quantize int8"
+        if missing_modules(("aimet_onnx",), INSTALL):
+            return f"--quantize int8 --recipe npu needs AIMET for ONNX: {INSTALL} (or --recipe {other})"
+        return None
+
+    return rule
+
+
 def require_aimet():
     try:
         import aimet_onnx  # noqa: F401
