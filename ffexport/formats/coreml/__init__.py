@@ -562,17 +562,19 @@ class CoreMLRunner(Runner):
         if ON_MACOS:
             out = self.mlmodel.predict({"input": _to_pil(x[0]) if self.image_input else x.astype(np.float32)})
         else:
-            # An image input is the pixels themselves (the program subtracts the mean): exact for letterboxed
-            # uint8 photos, as _to_pil's rounding is on macOS.
-            feed = (np.clip(np.rint(x + np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)), 0, 255)
-                    if self.image_input else x)
-            out = self.program(input=np.asarray(feed, np.float32))
+            out = self._evaluate(x)
         if self.end_to_end:
             from ...e2e import detections_from_outputs
 
             return detections_from_outputs(out)
         return tuple(np.asarray(out[k], np.float32) for k in OUTPUTS)
 
+    def _evaluate(self, x) -> dict:
+        """The MIL reference evaluator's outputs (off macOS). An image input is the pixels themselves (the
+        program subtracts the mean): exact for letterboxed uint8 photos, as _to_pil's rounding is on macOS."""
+        feed = (np.clip(np.rint(x + np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)), 0, 255)
+                if self.image_input else x)
+        return self.program(input=np.asarray(feed, np.float32))
 
     def _detect_vision(self, x):
         """(boxes (K, 4) in input pixels, face scores (K,), landmarks (K, 0): the pipeline has none)."""
@@ -584,8 +586,7 @@ class CoreMLRunner(Runner):
             out = self.mlmodel.predict(feed)
             confidence, coordinates = (out[n] for n in stage.outputs)
         else:
-            pixels = np.clip(np.rint(x + np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)), 0, 255)
-            raw = self.program(input=np.asarray(pixels, np.float32))
+            raw = self._evaluate(x)
             confidence, coordinates = stage(*(raw[n] for n in stage.inputs), iou=self.feeds.get("iou"),
                                             conf=self.feeds.get("conf"))
         boxes, scores = to_pixels(confidence, coordinates, self.input_size, stage.labels)
