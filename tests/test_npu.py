@@ -203,7 +203,7 @@ def test_report_rows_for_npu_artifacts_are_simulated_and_not_timed(tmp_path, rkn
         # (one borderline score decides "matched"): the detection-level pass is the per-format tests' job
         # above (photos with faces); here the fp16 tensors must agree and the row must be labelled.
         assert r["status"] in (report.VERIFIED, report.CHECK_FAILED), r
-        assert r["parity"]["precision"] == "fp16" and r["parity"]["conf_sqnr_db"] > 40 and r["size_mb"] > 1, r
+        assert r["parity"]["precision"] == "fp16-npu" and r["parity"]["conf_sqnr_db"] > 40 and r["size_mb"] > 1, r
         assert simulator in r["simulated"], r  # the accuracy is labelled with the simulator that computed it
         assert r["median_ms"] is None, r       # a simulator is never timed
         assert all(0 <= r["ap"][s] <= 1 for s in report.SETTINGS), r
