@@ -80,7 +80,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config")
     ap.add_argument("--crowd", nargs="+", help="EXACT_FP32.onnx QDQ.onnx...: match detections on crowd.jpg")
-    ap.add_argument("--dcn", default="native", choices=("native", "fold"))
+    ap.add_argument("--dcn", default="native", choices=("native", "fold", "taps"))
     ap.add_argument("--limit", type=int, default=None, help="evaluation images (default: all held-out)")
     ap.add_argument("--calib-size", type=int, default=100)
     ap.add_argument("--adaround-iters", type=int, default=npu_int8.ADAROUND_ITERS)

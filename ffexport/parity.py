@@ -26,14 +26,21 @@ TOLERANCES = {
     # --dcn fold / plain change the computation on purpose (their AP cost is measured and printed at
     # export): parity then says how far the detections moved from the exact model, with a loose floor.
     "approximation": {"max_abs": {}, "matched": 0.85, "ap": 0.85},
+    # --dcn taps is exact while the offsets stay within its window and clamps the rare larger ones (V2 at 640x640:
+    # conf SQNR 36 dB, 71/71 detections matched on 16 held-out images, AP 91.50/87.06/60.41 vs 91.52/87.04/60.32
+    # exact on 366): held at detection level, like an NPU's fp16.
+    "taps": {"max_abs": {}, "matched": 0.97, "ap": 0.97},
 }
 
 
 def tolerance_class(runner) -> str:
-    """Which TOLERANCES row an artifact is held to: its precision, or `approximation` for a DCN fold/plain."""
+    """Which TOLERANCES row an artifact is held to: its precision, `approximation` for a DCN fold/plain, `taps`
+    for an fp32 taps-form file (lower precisions: their own, looser rows)."""
     meta = getattr(runner, "meta", None) or {}
     if meta.get("dcn") in ("fold", "plain"):
         return "approximation"
+    if meta.get("dcn") == "taps" and getattr(runner, "precision", "fp32") == "fp32":
+        return "taps"
     if getattr(runner, "tolerance", None) in TOLERANCES:
         return runner.tolerance
     return getattr(runner, "precision", "fp32") if getattr(runner, "precision", "fp32") in TOLERANCES else "int8"

@@ -18,9 +18,10 @@ Row status (`status`; the detail is in `reason`):
   "reference"                      the PyTorch checkpoint itself (what parity compares against)
   "measured"                       a peer detector (reference row, not FeatherFace)
 
-A row whose runner is a vendor's x86 simulator (the NPU formats, qnn and rknn: `runner.device ==
-"simulator"`) gets parity and AP like any other, labelled with the simulator (`simulated`), and is not
-timed: a simulator's speed says nothing of the NPU's, so it has no latency and no V2/V1 ratio.
+A row whose format is not timeable here (`Format.timeable`: the NPU formats run in the vendors' x86
+simulators, Core ML off macOS in the MIL reference evaluator) gets parity and AP like any other, labelled with
+what computed them (`simulated`), and is not timed: that speed says nothing of the device's, so it has no
+latency and no V2/V1 ratio.
 
 `min_ap` is in AP points (percent, as the README and report.md print them): (easy, medium, hard), any of
 them None for no floor there. It applies to the FeatherFace rows that were verified (and the PyTorch row).
@@ -223,7 +224,7 @@ def _build(target, model, size, progress):
         row.update(status=SKIPPED, reason="ARM targets are timed by 'ffexport bench' (--remote or emulated); "
                                           "the report measures on this machine")
         return row, None
-    reason = target.skip()
+    reason = target.skip(timed=False)
     if reason:
         row.update(status=SKIPPED, reason=reason)
         return row, None
@@ -266,8 +267,9 @@ def _measure(row, target, path, refs, root, images, parity_paths, size, threads,
     t0 = time.time()
     try:
         runner = target.runner(path, row["model"], threads)
-        if getattr(runner, "device", None) == "simulator":
-            row["simulated"] = getattr(runner, "evaluation", "") or "simulator"
+        untimed = target.fmt.timeable()
+        if untimed:
+            row["simulated"] = getattr(runner, "evaluation", "") or untimed
         if target.fmt.reference:
             runner.input_size = tuple(size)  # scored and timed at the report's size, as the artifacts are
         else:
@@ -447,9 +449,9 @@ def markdown(report, extra) -> str:
         f"V1 and V2 of a target are timed interleaved in one worker process. Peers are timed twice: at their "
         f"natural input size by the same bench, and at the report's size interleaved with each other."]
     if any(r.get("simulated") for r in report["rows"]):
-        lines.append("- **Simulated** rows (NPU formats) ran in the vendor's x86 simulator: their parity and AP are "
-                     "what the NPU's arithmetic gives; they are not timed (a simulator's speed is not the "
-                     "device's) and are in no speed comparison.")
+        lines.append("- **Simulated** rows ran in a vendor's x86 simulator (NPU formats) or a reference evaluator "
+                     "(Core ML off macOS): their parity and AP are what the device's arithmetic gives; they are not "
+                     "timed (that speed is not the device's) and are in no speed comparison.")
     lines += ["",
         "| artifact | format | precision | input | status | size MB | conf SQNR dB | matched | Easy | Medium | Hard "
         "| median ms | V2/V1 |",
@@ -472,7 +474,7 @@ def markdown(report, extra) -> str:
             f"{_num(r['size_mb'], 2)} | {'' if sqnr is None else 'inf' if math.isinf(sqnr) else f'{sqnr:.1f}'} | "
             f"{_pct(p.get('matched'))} | "
             + " | ".join(_num(r["ap"][s] * 100, 2) if _has_ap(r) else "" for s in SETTINGS)
-            + f" | {'simulator, not timed' if r.get('simulated') else _num(r['median_ms'], 1)} | {ratio_cell} |")
+            + f" | {_untimed(r['simulated']) if r.get('simulated') else _num(r['median_ms'], 1)} | {ratio_cell} |")
     lines += [""] + notes if notes else []
     # A peer's row at its natural input size is named after the peer (_peer_rows).
     peers = [r for r in report["rows"] if r["peer"] and r["name"] == r["model"]]
@@ -496,6 +498,10 @@ def markdown(report, extra) -> str:
               "the same way. Every FeatherFace row is `ffexport eval ARTIFACT --exclude-calibration` and "
               "`ffexport bench --target T` on the same images and machine.", ""]
     return "\n".join(lines)
+
+
+def _untimed(how) -> str:
+    return "simulator, not timed" if "simulator" in how else "evaluator, not timed"
 
 
 def _num(v, digits):

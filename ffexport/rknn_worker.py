@@ -56,35 +56,47 @@ def _captured(path: Path):
 def build(arrays, onnx, platform, quantize=None, export=None):
     """Build `onnx` for `platform` (fp16, or w8a8 int8 calibrated on arrays["calib"]); export it to `export`
     if given; start the simulator on it."""
-    global _model
     from rknn.api import RKNN
 
+    onnx, export = str(Path(onnx).resolve()), export and str(Path(export).resolve())
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="ffexport-rknn-") as tmp:
-        log_file = Path(tmp) / "build.log"
-        rknn = RKNN(verbose=True)
-        # The input is already ffexport's preprocessed tensor (BGR minus mean): no mean/std in the NPU graph.
-        rknn.config(target_platform=platform, quantized_dtype="w8a8", quantized_algorithm="normal",
-                    quantized_method="channel", optimization_level=3)
-        if rknn.load_onnx(model=onnx) != 0:
-            raise RuntimeError(f"rknn-toolkit2 could not load {onnx}")
-        dataset = None
-        if quantize == "int8":
-            files = []
-            for i, x in enumerate(arrays["calib"]):
-                f = Path(tmp) / f"calib{i:03d}.npy"
-                np.save(f, x[None].astype(np.float32))
-                files.append(str(f))
-            dataset = Path(tmp) / "dataset.txt"
-            dataset.write_text("\n".join(files) + "\n")
-        with _captured(log_file):
-            built = rknn.build(do_quantization=quantize == "int8", dataset=str(dataset) if dataset else None)
-        if built != 0:
-            raise RuntimeError("rknn-toolkit2 build failed (see the worker log)")
-        if export and rknn.export_rknn(export) != 0:
-            raise RuntimeError(f"rknn-toolkit2 could not write {export}")
-        place = _placement(log_file.read_text(errors="replace"))
-        if rknn.init_runtime() != 0:  # no target: the x86 simulator
-            raise RuntimeError("rknn-toolkit2's simulator did not start (see the worker log)")
+        # The toolkit drops its graph-check dumps (check0_base_optimize.onnx, ...) into the working directory:
+        # the user's folder otherwise.
+        os.chdir(tmp)
+        try:
+            return _build(RKNN, arrays, onnx, platform, quantize, export, Path(tmp))
+        finally:
+            os.chdir(cwd)
+
+
+def _build(RKNN, arrays, onnx, platform, quantize, export, tmp):
+    global _model
+    log_file = Path(tmp) / "build.log"
+    rknn = RKNN(verbose=True)
+    # The input is already ffexport's preprocessed tensor (BGR minus mean): no mean/std in the NPU graph.
+    rknn.config(target_platform=platform, quantized_dtype="w8a8", quantized_algorithm="normal",
+                quantized_method="channel", optimization_level=3)
+    if rknn.load_onnx(model=onnx) != 0:
+        raise RuntimeError(f"rknn-toolkit2 could not load {onnx}")
+    dataset = None
+    if quantize == "int8":
+        files = []
+        for i, x in enumerate(arrays["calib"]):
+            f = Path(tmp) / f"calib{i:03d}.npy"
+            np.save(f, x[None].astype(np.float32))
+            files.append(str(f))
+        dataset = Path(tmp) / "dataset.txt"
+        dataset.write_text("\n".join(files) + "\n")
+    with _captured(log_file):
+        built = rknn.build(do_quantization=quantize == "int8", dataset=str(dataset) if dataset else None)
+    if built != 0:
+        raise RuntimeError("rknn-toolkit2 build failed (see the worker log)")
+    if export and rknn.export_rknn(export) != 0:
+        raise RuntimeError(f"rknn-toolkit2 could not write {export}")
+    place = _placement(log_file.read_text(errors="replace"))
+    if rknn.init_runtime() != 0:  # no target: the x86 simulator
+        raise RuntimeError("rknn-toolkit2's simulator did not start (see the worker log)")
     if _model is not None:
         _model.release()
     _model = rknn

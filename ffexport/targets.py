@@ -34,14 +34,15 @@ class Target:
     nms: bool = False             # the --nms artifact: its row minus the raw row is the in-graph post-processing
     extra: dict = field(default_factory=dict)
 
-    def skip(self, remote=None) -> str | None:
-        """Why this target cannot run here (None when it can)."""
+    def skip(self, remote=None, timed=True) -> str | None:
+        """Why this target cannot run here (None when it can). timed=False: only whether it runs (report scores
+        untimeable formats, bench and sweep skip them)."""
         if self.peer:
             from .peers import peer_available
 
             return peer_available(self.peer)
         src = formats.exporting(self.fmt)
-        reason = (src.available() if src.export else None) or self.fmt.runnable() or self.fmt.timeable()
+        reason = (src.available() if src.export else None) or self.fmt.runnable() or (self.fmt.timeable() if timed else None)
         if reason or not self.arm:
             return reason
         if arm_mode(remote) == "emulated" and not shutil.which("qemu-aarch64-static"):

@@ -27,6 +27,12 @@ No runtime has a deformable op on mobile, so the form is chosen per export targe
             the modulation mask kept, the conv refitted to the exact output. Weights first, a 1x1 conv
             C -> K*O, then K integer-shifted slices weighted by the mask and summed: standard ops only.
             Layers without a fit (kept exact) compute the exact DCN in `fold_exact_form`.
+- "taps":   bilinear sampling written as integer shifts, exact while every offset is within TAPS_RADIUS
+            pixels (larger ones are clamped to it), with no gather and no grid-sample: per kernel point the
+            weights-first O-channel map, shifted by each integer tap of a (2R+1)^2 window around the kernel
+            point, times that tap's bilinear weight relu(1 - |dy - a|) * relu(1 - |dx - b|) * mask (elementwise
+            ops on the offsets, which still come from the offset conv). Conv, Slice, Mul, Add, Abs, Max/Min only:
+            what NPUs run, quantizable, and unlike "fold" not an approximation of the trained offsets.
 """
 import contextlib
 
@@ -34,7 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMS = ("grid", "gather", "rows", "native", "plain", "fold")
+FORMS = ("grid", "gather", "rows", "native", "plain", "fold", "taps")
+# The "taps" window: offsets are clamped to +-TAPS_RADIUS pixels. Measured on V2 (8 calibration images, 640x640):
+# 95-100% of offsets are within 2 px in every SSH1/SSH2 DCN, 76-98% in SSH3 (within 1 px: 57-94%); exactness vs
+# cost (25 taps a kernel point at 2, 49 at 3) in benchmarks/results/taps.json.
+TAPS_RADIUS = 2
 
 
 def _sampling_points(offset, h, w, kh, kw, stride, pad, dil):
@@ -134,6 +144,39 @@ def folded_conv2d(x, mask, weight, bias, kernel=(3, 3), stride=(1, 1), padding=(
             shifted = y[:, t * o:(t + 1) * o, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
             out = out + shifted * mask[:, t:t + 1]
     return out
+
+
+def taps_conv2d(y, dy, dx, mask, expand, sum_k, radius=TAPS_RADIUS, kernel=(3, 3), padding=(1, 1), conv=F.conv2d):
+    """The "taps" form (stride 1): sum over kernel points k and integer taps (a, b) in [-R, R]^2 of
+    mask_k * relu(1 - |dy_k - a|) * relu(1 - |dx_k - b|) * y_k(p + k + (a, b)), which is bilinear sampling
+    at p + k + (dy_k, dx_k) with zeros outside the image, for |dy|, |dx| <= R.
+
+    y: (N, K*O, H, W) the weights-first conv (channel k*O + o); dy, dx, mask: (N, K, H, W), offsets relative
+    to the kernel point; expand (K*O, 1, 1, 1) ones, a grouped 1x1 conv K -> K*O that broadcasts a per-kernel-
+    point weight over its O channels (a conv, not a 5-D broadcast: NPUs want 4-D tensors); sum_k adds the K
+    maps up (the native form's buffer). conv(x, weight, groups=1) runs those two structural convs (a named
+    module, so exported graphs tell them from the model's convs)."""
+    kh, kw = kernel
+    k = kh * kw
+    n, ko, h, w = y.shape
+    o, r = ko // k, radius
+    # Max/Min with constant bounds rather than Clip: a QDQ Clip's bounds become quantized tensors, and the QNN EP
+    # then leaves all 30 Clips on the CPU (measured); elementwise Max/Min run on HTP.
+    lo, hi = _const([-float(r)], y.dtype), _const([float(r)], y.dtype)
+    dy, dx = torch.minimum(torch.maximum(dy, lo), hi), torch.minimum(torch.maximum(dx, lo), hi)
+    pt = (padding[0] + r, padding[1] + r)
+    yp = F.pad(y, (pt[1], pt[1], pt[0], pt[0]))
+    # Each kernel point's map shifted to its kernel position once: then every tap is one slice of all K.
+    shifted = torch.cat([yp[:, t * o:(t + 1) * o, i:i + h + 2 * r, j:j + w + 2 * r]
+                         for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))], 1)
+    wy = [mask * F.relu(1 - (dy - a).abs()) for a in range(-r, r + 1)]
+    wx = [F.relu(1 - (dx - b).abs()) for b in range(-r, r + 1)]
+    acc = None
+    for ia in range(2 * r + 1):
+        for ib in range(2 * r + 1):
+            term = shifted[:, :, ia:ia + h, ib:ib + w] * conv(wy[ia] * wx[ib], expand, groups=k)
+            acc = term if acc is None else acc + term
+    return conv(acc, sum_k)
 
 
 def _const(values, dtype):
@@ -273,6 +316,15 @@ def _groups_symbolic(g, y, sum_k, offset, mask, stride):
 torch.onnx.register_custom_op_symbolic("ffexport::deform_sample_groups", _groups_symbolic, 19)
 
 
+class TapsConv(nn.Module):
+    """The "taps" form's structural 1x1 convs (constant 0/1 weights: broadcast a kernel point's weight over its
+    channels, add the kernel points up), a module only so that exported graphs name them ("taps_conv"):
+    they are DCN sampling math, not the model's convs, in precision tables."""
+
+    def forward(self, x, weight, groups=1):
+        return F.conv2d(x, weight, groups=groups)
+
+
 class OffsetMaskConv(nn.Module):
     """The offset and modulator convs run as one: a module of its own only so that exported graphs name
     it (int8 TFLite keeps it float by that name: int8 sampling coordinates cost detections)."""
@@ -301,6 +353,9 @@ class DeformableConv2d(nn.Module):
         # For the weights-first native export: sums the K per-kernel-point maps (not in the checkpoint).
         self.register_buffer("sum_k", torch.eye(cout).repeat(1, k * k).view(cout, k * k * cout, 1, 1),
                              persistent=False)
+        self.register_buffer("taps_expand", torch.ones(k * k * cout, 1, 1, 1), persistent=False)
+        self.taps_conv = TapsConv()
+        self.taps_radius = TAPS_RADIUS  # the "taps" window, +-pixels (a model may set it per layer)
 
     def _offset_mask(self, x, positions=False, grouped=False):
         """One conv for the offsets and the modulation mask (2K + K output channels) instead of a pass over x
@@ -338,6 +393,17 @@ class DeformableConv2d(nn.Module):
             return self._exact(x, self.fold_exact_form)
         return self._exact(x, self.form)
 
+    def _taps(self, x):
+        if self.stride != (1, 1):
+            raise ValueError("the taps DCN form is written for stride 1 (FeatherFace's SSH convs)")
+        w = self.regular_conv.weight
+        o, c, kh, kw = w.shape
+        k = kh * kw
+        offset, logits = self._offset_mask(x, grouped=True)
+        y = F.conv2d(x, w.permute(2, 3, 0, 1).reshape(k * o, c, 1, 1))
+        return taps_conv2d(y, offset[:, :k], offset[:, k:], 2.0 * torch.sigmoid(logits), self.taps_expand,
+                           self.sum_k, self.taps_radius, (kh, kw), self.padding, self.taps_conv)
+
     def _rows_points(self, x):
         """py, px, mask as (N, Ho, Wo, K): whole displacements, grouped, so nothing downstream slices
         interleaved channels (a strided copy in NHWC)."""
@@ -356,6 +422,8 @@ class DeformableConv2d(nn.Module):
             return self._native_weights_first(x)
         if form == "rows":
             return rows_sample(x, *self._rows_points(x), self.regular_conv.weight)
+        if form == "taps":
+            return self._taps(x)
         offset, logits = self._offset_mask(x)
         mask = 2.0 * torch.sigmoid(logits)
         if form == "native":

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffexport.models.dcn import FORMS, DeformableConv2d, deform_conv2d, deform_conv2d_rows
+from ffexport.models.dcn import FORMS, DeformableConv2d, deform_conv2d, deform_conv2d_rows, taps_conv2d
 
 
 def naive_dcn(x, offset, mask, weight, stride=1, pad=1):
@@ -86,7 +86,62 @@ def test_every_exact_form_of_the_layer_matches_naive_reference(cin, cout, stride
         x = torch.randn(2, cin, 9, 11)
         offset, mask = layer.offset_conv(x), 2 * torch.sigmoid(layer.modulator_conv(x))
         ref = naive_dcn(*(t.double().numpy() for t in (x, offset, mask, layer.regular_conv.weight)), stride)
-        for form in [f for f in FORMS if f not in ("plain", "fold")]:
+        for form in [f for f in FORMS if f not in ("plain", "fold", "taps")]:  # taps: its own tests below
             layer.form = form
             got = layer(x).numpy()
             assert np.abs(got - ref).max() <= 1e-5, form
+
+
+def _taps_layer(cin, cout, radius, offset_scale, seed=0):
+    """A DCN layer in the taps form whose offsets reach several pixels."""
+    torch.manual_seed(seed)
+    layer = DeformableConv2d(cin, cout).eval()
+    layer.form, layer.taps_radius = "taps", radius
+    with torch.no_grad():
+        layer.offset_conv.weight.mul_(offset_scale)
+        layer.offset_conv.bias.uniform_(-offset_scale, offset_scale)
+    return layer
+
+
+def _taps(x, offset, mask, weight, radius):
+    """taps_conv2d from naive-layout inputs (offsets (dy, dx) per kernel point)."""
+    o, c, kh, kw = weight.shape
+    k = kh * kw
+    y = torch.nn.functional.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * o, c, 1, 1))
+    expand, sum_k = torch.ones(k * o, 1, 1, 1), torch.eye(o).repeat(1, k).view(o, k * o, 1, 1)
+    return taps_conv2d(y, offset[:, 0::2], offset[:, 1::2], mask, expand, sum_k, radius)
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 3), (4, 4)])
+@pytest.mark.parametrize("radius", [1, 2])
+def test_taps_is_exact_for_offsets_within_its_radius(cin, cout, radius):
+    """Bilinear sampling as integer shifts: exact (zeros outside the image included) while |offset| <= R."""
+    rng = np.random.default_rng(radius)
+    x = rng.normal(size=(2, cin, 7, 9)).astype(np.float32)
+    offset = rng.uniform(-radius, radius, size=(2, 18, 7, 9)).astype(np.float32)
+    mask = rng.uniform(0, 2, size=(2, 9, 7, 9)).astype(np.float32)
+    weight = rng.normal(size=(cout, cin, 3, 3)).astype(np.float32)
+    got = _taps(*(torch.from_numpy(a) for a in (x, offset, mask, weight)), radius).numpy()
+    ref = naive_dcn(*(a.astype(np.float64) for a in (x, offset, mask, weight)))
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_taps_clamps_larger_offsets_to_its_window():
+    """Offsets beyond R sample at the window's edge: the documented approximation, nothing else."""
+    layer = _taps_layer(4, 4, 1, offset_scale=4.0)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        offset, mask = layer.offset_conv(x), 2 * torch.sigmoid(layer.modulator_conv(x))
+        got = layer(x).numpy()
+        exact = naive_dcn(*(t.double().numpy() for t in (x, offset, mask, layer.regular_conv.weight)))
+        clamped = naive_dcn(*(t.double().numpy() for t in (x, offset.clamp(-1, 1), mask, layer.regular_conv.weight)))
+    assert (offset.abs() > 1).float().mean() > 0.3
+    assert np.abs(got - clamped).max() <= 1e-5
+    assert np.abs(got - exact).max() > 0.1  # the clamp is visible where the offsets are large
+
+
+def test_taps_refuses_strided_layers():
+    layer = DeformableConv2d(4, 4, stride=2).eval()
+    layer.form = "taps"
+    with pytest.raises(ValueError, match="stride 1"):
+        layer(torch.randn(1, 4, 8, 8))

@@ -87,6 +87,35 @@ def test_decomposed_dcn_forms_match_pytorch(tmp_path, v2_model, form):
     assert report.tensors["conf"]["max_abs"] <= 1e-4 and report.detections["matched"] == 1.0
 
 
+SAMPLING_OPS = {"DeformConv", "GridSample", "Gather", "GatherND", "GatherElements", "ScatterND"}
+
+
+def test_taps_form_is_gather_free_and_keeps_the_detections(tmp_path, v2_model):
+    """--dcn taps: standard ops only (no gather, grid-sample or DeformConv), the model's convs counted apart from
+    the form's structural ones, and the exact model's detections kept (held at the taps tolerance row)."""
+    from ffexport.formats.onnx.npu_int8 import TAPS_CONV, precision_table, taps_tensors
+    from ffexport.models.dcn import dcn_form
+    from ffexport.parity import tolerance_class
+
+    out = tmp_path / "taps.onnx"
+    export_onnx(v2_model, "v2", out, input_size=(320, 320), dcn="taps")
+    proto = onnx.load(str(out))
+    assert not {n.op_type for n in proto.graph.node} & SAMPLING_OPS
+    table = precision_table(proto)
+    assert table["convs"] == 99 and sum(table["sampling"].values()) == 15 * 26, table  # 25 taps + 1 sum per DCN
+    # taps16's tensors: the sampling math only, never a model conv's output nor a DCN's (the sum's) output
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = [producer[t] for t in taps_tensors(proto.graph) if producer[t].op_type == "Conv"]
+    assert len(convs) == 15 * 25 and all(TAPS_CONV in n.name for n in convs)
+    runner = OnnxRunner(out)
+    assert runner.meta["dcn"] == "taps" and tolerance_class(runner) == "taps"
+    with dcn_form(v2_model, "grid"):
+        report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS[:3], precision="taps", progress=False)
+    assert report.ok, report.failures
+    assert report.detections["ref_count"] >= 10 and report.detections["matched"] >= TOLERANCES["taps"]["matched"]
+    assert report.tensors["conf"]["sqnr_db"] > 30  # near-exact, not a fold-like approximation (~12 dB)
+
+
 def test_torchscript_loads_with_plain_torch_jit(exports):
     import torch
 

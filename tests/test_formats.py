@@ -63,7 +63,7 @@ def test_every_export_format_has_its_command():
         if f.export:
             assert f"  {f.name} " in r.stdout
     r = run_cli("onnx", "--help")
-    assert "--dcn [auto|native|grid|gather|rows|fold]" in r.stdout and "--quantize [int8|fp16]" in r.stdout
+    assert "--dcn [auto|native|grid|gather|rows|fold|taps]" in r.stdout and "--quantize [int8|fp16]" in r.stdout
 
 
 # The installed layout: models/ and calibration/ are ffexport.models and ffexport.calibration (setup.cfg).

@@ -81,6 +81,19 @@ def test_npu_recipe_rule_is_one_check_for_every_format_that_takes_it(tmp_path, m
         assert "needs AIMET for ONNX: pip install aimet-onnx==2.42.0" in msg and msg.endswith(f"(or --recipe {other})")
 
 
+def test_simulators_are_scored_but_never_timed():
+    """One declaration (Format.timeable): bench and the size sweep skip the NPU targets with the reason, the
+    report (timed=False) still runs them for parity and AP."""
+    from ffexport.targets import targets
+
+    table = targets()
+    for name, fmt in (("qnn", qnn), ("qnn-int8", qnn), ("rknn", rknn), ("rknn-int8", rknn)):
+        t = table[name]
+        reason = t.skip()
+        assert reason and (fmt.runnable() or fmt.SIMULATOR in reason), (name, reason)
+        assert t.skip(timed=False) == fmt.runnable(), name  # runnable here: the report scores it
+
+
 def test_suffixes_pick_the_npu_runners():
     from ffexport import formats
 
@@ -106,6 +119,16 @@ def test_qnn_grid_runs_wholly_on_htp_and_matches_pytorch(tmp_path, v2_model):
     assert json.loads(runner.meta["placement"]) == runner.placement
     report = _parity_fp16(runner, v2_model)
     assert "simulator" in report.to_json()["evaluation"]
+
+
+@needs_qnn
+@pytest.mark.slow
+def test_qnn_taps_runs_wholly_on_htp_and_matches_pytorch(tmp_path, v2_model):
+    """The gather-free taps form: every node on HTP (grid: GridSample too, but no int8 GridSample on NPUs)."""
+    out = _exported("qnn", v2_model, tmp_path / "v2_taps.qnn.onnx", dcn="taps")
+    runner = qnn.QnnRunner(out)
+    assert runner.meta["dcn"] == "taps" and set(runner.placement) == {qnn.EP}, runner.placement
+    _parity_fp16(runner, v2_model)
 
 
 @needs_qnn
@@ -153,7 +176,14 @@ def rknn_env():
 
 @pytest.mark.slow
 def test_rknn_grid_fp16_places_gridsample_on_cpu_and_matches_pytorch(tmp_path, v2_model, rknn_env):
+    from pathlib import Path
+
+    # The toolkit writes graph-check dumps (check0_base_optimize.onnx...) into its working directory, which for
+    # the worker is ffexport's install folder: the build must keep them in its temp dir.
+    home = Path(envs._package_path())
+    before = set(home.glob("check*.onnx"))
     out = _exported("rknn", v2_model, tmp_path / "v2.rknn")
+    assert set(home.glob("check*.onnx")) == before
     assert all(p.is_file() for p in rknn.files(out))
     assert out.read_bytes()[:4] == b"RKNN"  # the board's file, written by the toolkit
     runner = rknn.RknnRunner(out)

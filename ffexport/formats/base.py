@@ -92,7 +92,9 @@ class Format:
     extra: str | None = None         # pip extra in setup.cfg ("ffexport[<extra>]"); None: core install
     available: Callable = _no_reason  # () -> None if it exports here, else "<why>: <fix>"
     runnable: Callable = _no_reason   # () -> None if its runner runs here, else "<why>: <fix>"
-    timeable: Callable = _no_reason   # () -> None if timing its runner here times the runtime (not a reference evaluator)
+    # () -> None if timing its runner here times the runtime, else why not (a vendor's simulator, a reference
+    # evaluator): bench and sweep then skip it with that reason, report scores it (parity, AP) untimed, labelled.
+    timeable: Callable = _no_reason
     options: tuple = ()              # format-specific `Option`s
     files: Callable = lambda path: [Path(path)]  # every file/folder an artifact at `path` consists of
     own_folder: Callable | None = None  # folder artifacts (.mlpackage): is an existing folder this format's own?

@@ -249,8 +249,9 @@ FORMAT = Format(
     description="Qualcomm HTP NPU: ONNX for onnxruntime's QNN EP, HTP fp16 or QDQ int8 (checked in QNN's x86 "
                 "simulator)",
     suffixes=(".qnn.onnx",), export=export_qnn, runner=lambda path, threads=None: QnnRunner(path, threads),
-    dcn_forms=("grid", "fold", "native", "rows"), precisions=("fp16",), quantize=("int8",), extra="qnn",
+    dcn_forms=("grid", "fold", "native", "rows", "taps"), precisions=("fp16",), quantize=("int8",), extra="qnn",
     available=runnable, runnable=runnable, rules=(_rules_form, recipe_rule("npu", "ort")),
+    timeable=lambda: f"runs in the {SIMULATOR} here: its speed says nothing of the NPU's (time it on a Snapdragon device)",
     options=(
         Option("soc", "SM8650", "Snapdragon SoC the HTP graph targets.", str, tuple(SOCS)),
         Option("cpu_fallback", False, "Let nodes HTP cannot run fall back to the CPU (default: refuse them).",

@@ -221,8 +221,9 @@ FORMAT = Format(
     description="Rockchip NPU .rknn (rknn-toolkit2 in its own venv), fp16 or w8a8 int8 (checked in its x86 "
                 "simulator)",
     suffixes=(".rknn",), export=export_rknn, runner=lambda path, threads=None: RknnRunner(path, threads),
-    dcn_forms=("grid", "fold", "native"), precisions=("fp16",), quantize=("int8",), extra="rknn",
+    dcn_forms=("grid", "fold", "native", "taps"), precisions=("fp16",), quantize=("int8",), extra="rknn",
     available=runnable, runnable=runnable, files=files, rules=(_rules, recipe_rule("toolkit", "toolkit")),
+    timeable=lambda: f"runs in the {SIMULATOR} here: its speed says nothing of the NPU's (time it on the board)",
     options=(Option("platform", "rk3588", "Rockchip SoC the .rknn is built for.", str, PLATFORMS),
              Option("recipe", "toolkit", "int8 recipe: toolkit (rknn-toolkit2's own w8a8 quantizer) or npu (AIMET's "
                                          "ranges, as `ffexport onnx --recipe npu`, loaded by the toolkit as a QDQ "

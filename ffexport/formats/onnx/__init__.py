@@ -253,7 +253,7 @@ FORMAT = Format(
     name="onnx", runs_on="onnxruntime CPU", packages=("onnx", "onnxruntime", "onnxsim"), target="onnxruntime",
     description="ONNX (opset 19, simplified), run with onnxruntime; fp32, fp16 or int8 (QDQ, calibrated)",
     suffixes=(".onnx",), export=_export, runner=lambda path, threads=None: OnnxRunner(path, threads),
-    dcn_forms=("auto", "native", "grid", "gather", "rows", "fold"), quantize=("int8", "fp16"), dynamic=True, arm=arm_job,
+    dcn_forms=("auto", "native", "grid", "gather", "rows", "fold", "taps"), quantize=("int8", "fp16"), dynamic=True, arm=arm_job,
     nms=True, image_input=True, rules=(recipe_rule("cpu", "cpu"),),
     options=(
         Option("opset", 19, f"ONNX opset {MIN_OPSET}..{MAX_OPSET} (DeformConv needs 19).", int),

@@ -34,7 +34,7 @@ from ...log import log, quiet
 from .quantize import OpSupport, _calibration_batch, op_kind
 
 RECIPES = ("cpu", "npu")
-STEPS = ("prelu", "cle", "adaround", "seqmse", "ew16", "dcn16", "out16", "sens16", "budget16")  # what the recipe can do; benchmarks/npu_int8.py measures each
+STEPS = ("prelu", "cle", "adaround", "seqmse", "ew16", "dcn16", "taps16", "cls16", "out16", "sens16", "budget16")  # what the recipe can do; benchmarks/npu_int8.py measures each
 # The best measured combination with >= 95% of convs w8a8 (docs/quantization-npu.md). AdaRound is left out: at
 # 100 iterations x 4 images it took 36 min on 2 shared cores and changed AP by -0.1/-0.3/-0.1 (the loss is in
 # activations, not weights).
@@ -177,6 +177,12 @@ def score_box_tensors(graph) -> set[str]:
                        {"Softmax", "Concat", "Reshape", "Transpose", "Flatten"})
 
 
+def score_tensors(graph) -> set[str]:
+    """The `conf` output, back through softmax/concat/reshape to the class-head convs: the face-score logits."""
+    return _trace_back(graph, [o.name for o in graph.output if o.name == "conf"],
+                       {"Softmax", "Concat", "Reshape", "Transpose", "Flatten"})
+
+
 def elementwise_tensors(graph) -> set[str]:
     """Activation tensors that no conv reads or writes: the insides of the BiFPN weighted fusions and of the
     coordinate attention (Mul/Add/Sigmoid/ReduceMean/Concat/Resize outputs that only feed other such ops).
@@ -201,10 +207,36 @@ def elementwise_tensors(graph) -> set[str]:
             if t not in outputs and not conv_output(t) and not any(c.op_type in convs for c in consumers.get(t, []))}
 
 
+def taps_tensors(graph) -> set[str]:
+    """The "taps" DCN form's sampling math: every tensor inside it, from the tap weights (computed from the
+    offsets and mask) and the shifted maps to the per-kernel-point sum read by its last structural conv; the
+    model convs' outputs it starts from (offsets, mask, the weights-first map) and the DCN's output excluded."""
+    sums = [n for n in graph.node if n.op_type == "Conv" and TAPS_CONV in n.name and not _is_grouped(n)]
+    inside = {"Mul", "Add", "Sub", "Abs", "Relu", "Clip", "Max", "Min", "Slice", "Concat", "Pad", "Conv", "Sigmoid"}
+    producer = {o: n for n in graph.node for o in n.output}
+    found, todo = set(), [n.input[0] for n in sums]
+    while todo:
+        t = todo.pop()
+        p = producer.get(t)
+        if t in found or p is None or p.op_type not in inside or (p.op_type == "Conv" and TAPS_CONV not in p.name):
+            continue
+        found.add(t)
+        todo += list(p.input)
+    return found
+
+
+def _is_grouped(node) -> bool:
+    return any(a.name == "group" and a.i > 1 for a in node.attribute)
+
+
 # 16-bit activation groups: step name -> (tensors, why their convs are w8a16).
 A16_GROUPS = {
     "dcn16": (dcn_coordinate_tensors, "DCN offset/mask conv: its output is sampling coordinates, which need "
                                       "sub-pixel precision (16-bit output activations)"),
+    "taps16": (taps_tensors, "taps DCN sampling math (tap weights, shifted maps and their sum): 16-bit, as "
+                             "exact DCN forms keep their sampling float"),
+    "cls16": (score_tensors, "class head conv: 8-bit logits step the face score by ~0.02 around 0.5 and flip "
+                             "detections at the threshold (16-bit output activations)"),
     "out16": (score_box_tensors, "score/box head conv: 8-bit scores step by 1/255 and tie the low-confidence "
                                  "detections that Hard AP ranks (16-bit output activations)"),
 }
@@ -238,6 +270,7 @@ def _dq_info(graph):
 
 
 FUSED_ACTIVATIONS = ("Relu", "PRelu", "LeakyRelu", "Clip")
+TAPS_CONV = "/taps_conv"  # node-name scope (taps_conv, taps_conv_1, ...) of models.dcn.TapsConv in exported graphs
 
 
 def precision_table(proto) -> dict:
@@ -268,9 +301,14 @@ def precision_table(proto) -> dict:
             t = consumers[t][0].output[0]
         return bits(t)
 
-    res = {"convs": 0, "int8_convs": 0, "int8_input_convs": 0, "w8a16": [], "float": {}}
+    res = {"convs": 0, "int8_convs": 0, "int8_input_convs": 0, "w8a16": [], "float": {}, "sampling": Counter()}
     for n in graph.node:
-        if n.op_type in ("Conv", "MatMul", "Gemm"):
+        if n.op_type == "Conv" and TAPS_CONV in n.name:
+            # The taps form's 0/1-weight broadcast/sum convs: DCN sampling math, which the issue's w8a8 count
+            # leaves aside like DeformConv's and GridSample's; counted apart, by their activation bits.
+            b = max(dq.get(n.input[0], (None, 0))[1], out_bits(n))
+            res["sampling"][f"taps conv, {f'{b}-bit' if b else 'float'} activations"] += 1
+        elif n.op_type in ("Conv", "MatMul", "Gemm"):
             res["convs"] += 1
             w = dq.get(n.input[1], (None, 0))[1]
             a_in = dq.get(n.input[0], (None, 0))[1]
@@ -296,6 +334,8 @@ def report_precision(table: dict, reasons: dict):
         log(f"  w8a16  {name}: {reasons.get(name, 'kept 16-bit activations')}")
     for why, k in Counter(table["float"].values()).most_common():
         log(f"  float  {k:3d} x {why}")
+    for kind, k in table["sampling"].most_common():
+        log(f"  DCN sampling math: {k} x {kind}")
 
 
 def requantize_fused(sim, graph) -> int:
@@ -450,7 +490,7 @@ def build_sim(proto, batch, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS, 
             q = sim.qc_quantize_op_dict.get(t)
             if q is not None and q.enabled:
                 q.set_bitwidth(16)
-            if t in producer and producer[t].op_type == "Conv":
+            if t in producer and producer[t].op_type == "Conv" and TAPS_CONV not in producer[t].name:
                 reasons[producer[t].name] = why
     if "ew16" in steps:
         free = conv_free(sim, float_proto.graph, elementwise_tensors(float_proto.graph))
@@ -543,12 +583,12 @@ def conv_cost(graph, tensors) -> set[str]:
     and those whose output (or fused activation's output) is one of them."""
     convs = ("Conv", "MatMul", "Gemm")
     producer = {o: n for n in graph.node for o in n.output}
-    out = {n.name for n in graph.node if n.op_type in convs and n.input[0] in tensors}
+    out = {n.name for n in graph.node if n.op_type in convs and n.input[0] in tensors and TAPS_CONV not in n.name}
     for t in tensors:
         p = producer.get(t)
         if p is not None and p.op_type in FUSED_ACTIVATIONS and p.input[0] in producer:
             p = producer[p.input[0]] if producer[p.input[0]].op_type in convs else p
-        if p is not None and p.op_type in convs:
+        if p is not None and p.op_type in convs and TAPS_CONV not in p.name:
             out.add(p.name)
     return out
 
@@ -579,8 +619,18 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
         out = [sess.run([name], {sess.get_inputs()[0].name: x[None]})[0] for x in batch]
         return float(np.mean([sqnr_db(a[..., 1], b[..., 1]) for a, b in zip(ref, out)]))
 
-    with quiet(*AIMET_LOGGERS):
-        scores = analyze_per_layer_sensitivity(sim, face_sqnr)
+    # The taps form's sampling math (thousands of elementwise ops, 16-bit by taps16) is not a candidate: its
+    # quantizers are off during the analysis, which then visits only the model's ops (AIMET skips ops with no
+    # enabled quantizer): ~450 evaluations instead of ~3000.
+    sampling = [q for t in taps_tensors(proto.graph) if (q := sim.qc_quantize_op_dict.get(t)) is not None and q.enabled]
+    for q in sampling:
+        q.enabled = False
+    try:
+        with quiet(*AIMET_LOGGERS):
+            scores = analyze_per_layer_sensitivity(sim, face_sqnr)
+    finally:
+        for q in sampling:
+            q.enabled = True
     graph = proto.graph
     nodes = {n.name: n for n in graph.node}
     consumers = {}
@@ -602,7 +652,8 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
         tensors = [t for t in outs if t not in param and t in sim.qc_quantize_op_dict
                    and sim.qc_quantize_op_dict[t].enabled and sim.qc_quantize_op_dict[t].bitwidth == 8]
         cost = conv_cost(graph, set().union(*[groups[t] for t in tensors])) - set(exclude)
-        if not tensors or len(spent | cost) > A16_CONV_BUDGET:
+        # The budget is the recipe's whole: convs that earlier steps took out of w8a8 (exclude) count against it.
+        if not tensors or len(spent | cost) > A16_CONV_BUDGET - len(set(exclude)):
             continue
         spent |= cost
         chosen[name] = (tensors, score, cost)
@@ -620,24 +671,27 @@ def sensitive_convs(proto, sim, batch, tmpdir, exclude=()) -> dict[str, float]:
     onnx.save(proto, str(fp32))
     with quiet(*AIMET_LOGGERS):
         onnx.save(sim.to_onnx_qdq(), str(qdq))
-    convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude]
+    convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude and TAPS_CONV not in n.name]
     watch = list(dict.fromkeys(t for n in convs for t in (n.input[0], n.output[0])))
     losses = node_losses(collect_activations(fp32, batch, watch), collect_activations(qdq, batch, watch), convs)
     return dict(sorted(losses.items(), key=lambda kv: -kv[1])[:SENS16_CONVS])
 
 
-def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS,
+def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=None, adaround_iters=ADAROUND_ITERS,
                  scheme="tf_enhanced", adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, qnn_ep=False) -> dict:
     """Quantize the fp32 ONNX file `fp32` into the QDQ file `out`; returns its metadata entries.
 
     qnn_ep: the file is for the onnxruntime QNN EP (the qnn format): unfolded BatchNormalizations become Mul + Add
-    first (batchnorm_to_affine) and fused conv outputs are quantized (requantize_fused)."""
+    first (batchnorm_to_affine) and fused conv outputs are quantized (requantize_fused). steps: None is
+    DEFAULT_STEPS, plus taps16 for a taps-form graph."""
     import onnx
 
     require_aimet()
+    proto = onnx.load(str(fp32))
+    if steps is None:
+        steps = DEFAULT_STEPS + (("taps16",) if taps_tensors(proto.graph) else ())
     batch, root = _calibration_batch(calib, calib_size, size)
     log(f"npu int8 recipe ({' + '.join(steps) or 'plain'}) with aimet-onnx on {len(batch)} calibration images:")
-    proto = onnx.load(str(fp32))
     meta = {p.key: p.value for p in proto.metadata_props}
     if qnn_ep:
         log(f"  {batchnorm_to_affine(proto.graph)} BatchNormalization -> Mul + Add (QNN HTP runs those quantized)")

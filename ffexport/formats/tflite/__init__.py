@@ -28,7 +28,7 @@ from ...e2e import detections_from_outputs, for_export, image_from_tensor, name_
 from ..base import ExportOptions, Format, image_input_needs_nms, missing_modules
 
 META_KEY = "ffexport"
-DCN_FORMS = ("rows", "grid", "gather", "plain", "fold")
+DCN_FORMS = ("rows", "grid", "gather", "plain", "fold", "taps")
 # int8 leaves these convs float (matched by output-tensor name, which litert-torch builds from the module
 # path): the DCN offset/modulator convs (int8 sampling coordinates cost detections; OffsetMaskConv is the
 # two as one) and the output heads. Making every supported op int8 (ai-edge-quantizer's ALL_SUPPORTED,
