@@ -94,7 +94,10 @@ def test_interrupted_int8_export_leaves_nothing_behind(tmp_path, sig, status):
     env = {**os.environ, "TMPDIR": str(tmp)}
     proc = subprocess.Popen([sys.executable, "-m", "ffexport", "onnx", "--quantize", "int8", "--calib-size", "8",
                              "--input-size", "320x320", "-o", out_dir / "x.onnx"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A shell's background job inherits SIGINT ignored (then Python installs no
+                            # KeyboardInterrupt): the test's child gets the default, as a terminal gives it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Interrupt while work is under way: once the int8 planner says it is measuring (seconds of work remain;
     # waiting for a file beside the output raced the end of a fast export on a quiet machine).
     lines = []

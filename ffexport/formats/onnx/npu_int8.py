@@ -17,7 +17,9 @@ islands. Steps (STEPS; the default DEFAULT_STEPS is the best measured, docs/quan
   A16_CONV_BUDGET convs leaving w8a8 (so >= 95% of the 90 stay int8);
 - dcn16 / out16 / sens16: 16-bit activations (w8a16, which Qualcomm HTP runs natively) for the DCN
   offset/mask convs, the head convs, and the SENS16_CONVS convs that lose the most SQNR (quantize.py's
-  node_losses): the earlier recipe, 29 convs w8a16.
+  node_losses): the earlier recipe, 29 convs w8a16;
+- taps16 (default for a `--dcn taps` graph): the taps form's sampling math 16-bit, as exact forms keep their
+  sampling float; cls16: the class heads' logits 16-bit (measured worse: it spends the conv budget).
 Bias correction is not in aimet-onnx 2.42 (only aimet-torch has it).
 
 The result is a QDQ ONNX file (QuantizeLinear/DequantizeLinear around every quantized tensor) that
@@ -621,7 +623,7 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
 
     # The taps form's sampling math (thousands of elementwise ops, 16-bit by taps16) is not a candidate: its
     # quantizers are off during the analysis, which then visits only the model's ops (AIMET skips ops with no
-    # enabled quantizer): ~450 evaluations instead of ~3000.
+    # enabled quantizer): the model's few hundred ops, not the ~2800 sampling ops too.
     sampling = [q for t in taps_tensors(proto.graph) if (q := sim.qc_quantize_op_dict.get(t)) is not None and q.enabled]
     for q in sampling:
         q.enabled = False
