@@ -175,13 +175,16 @@ def dcn_coordinate_tensors(graph) -> set[str]:
 
 def score_box_tensors(graph) -> set[str]:
     """The `loc` and `conf` outputs, back through softmax/concat/reshape to the head convs."""
-    return _trace_back(graph, [o.name for o in graph.output if o.name in ("loc", "conf")],
-                       {"Softmax", "Concat", "Reshape", "Transpose", "Flatten"})
+    return _head_tensors(graph, ("loc", "conf"))
 
 
 def score_tensors(graph) -> set[str]:
     """The `conf` output, back through softmax/concat/reshape to the class-head convs: the face-score logits."""
-    return _trace_back(graph, [o.name for o in graph.output if o.name == "conf"],
+    return _head_tensors(graph, ("conf",))
+
+
+def _head_tensors(graph, outputs) -> set[str]:
+    return _trace_back(graph, [o.name for o in graph.output if o.name in outputs],
                        {"Softmax", "Concat", "Reshape", "Transpose", "Flatten"})
 
 
@@ -213,18 +216,23 @@ def taps_tensors(graph) -> set[str]:
     """The "taps" DCN form's sampling math: every tensor inside it, from the tap weights (computed from the
     offsets and mask) and the shifted maps to the per-kernel-point sum read by its last structural conv; the
     model convs' outputs it starts from (offsets, mask, the weights-first map) and the DCN's output excluded."""
-    sums = [n for n in graph.node if n.op_type == "Conv" and TAPS_CONV in n.name and not _is_grouped(n)]
+    sums = [n for n in graph.node if is_taps_conv(n) and not _is_grouped(n)]
     inside = {"Mul", "Add", "Sub", "Abs", "Relu", "Clip", "Max", "Min", "Slice", "Concat", "Pad", "Conv", "Sigmoid"}
     producer = {o: n for n in graph.node for o in n.output}
     found, todo = set(), [n.input[0] for n in sums]
     while todo:
         t = todo.pop()
         p = producer.get(t)
-        if t in found or p is None or p.op_type not in inside or (p.op_type == "Conv" and TAPS_CONV not in p.name):
+        if t in found or p is None or p.op_type not in inside or (p.op_type == "Conv" and not is_taps_conv(p)):
             continue
         found.add(t)
         todo += list(p.input)
     return found
+
+
+def is_taps_conv(node) -> bool:
+    """A structural 0/1 conv of the taps form (models.dcn.TapsConv), not one of the model's convs."""
+    return node.op_type == "Conv" and TAPS_CONV in node.name
 
 
 def _is_grouped(node) -> bool:
@@ -305,7 +313,7 @@ def precision_table(proto) -> dict:
 
     res = {"convs": 0, "int8_convs": 0, "int8_input_convs": 0, "w8a16": [], "float": {}, "sampling": Counter()}
     for n in graph.node:
-        if n.op_type == "Conv" and TAPS_CONV in n.name:
+        if is_taps_conv(n):
             # The taps form's 0/1-weight broadcast/sum convs: DCN sampling math, which the issue's w8a8 count
             # leaves aside like DeformConv's and GridSample's; counted apart, by their activation bits.
             b = max(dq.get(n.input[0], (None, 0))[1], out_bits(n))
@@ -492,7 +500,7 @@ def build_sim(proto, batch, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS, 
             q = sim.qc_quantize_op_dict.get(t)
             if q is not None and q.enabled:
                 q.set_bitwidth(16)
-            if t in producer and producer[t].op_type == "Conv" and TAPS_CONV not in producer[t].name:
+            if t in producer and producer[t].op_type == "Conv" and not is_taps_conv(producer[t]):
                 reasons[producer[t].name] = why
     if "ew16" in steps:
         free = conv_free(sim, float_proto.graph, elementwise_tensors(float_proto.graph))
@@ -585,12 +593,12 @@ def conv_cost(graph, tensors) -> set[str]:
     and those whose output (or fused activation's output) is one of them."""
     convs = ("Conv", "MatMul", "Gemm")
     producer = {o: n for n in graph.node for o in n.output}
-    out = {n.name for n in graph.node if n.op_type in convs and n.input[0] in tensors and TAPS_CONV not in n.name}
+    out = {n.name for n in graph.node if n.op_type in convs and n.input[0] in tensors and not is_taps_conv(n)}
     for t in tensors:
         p = producer.get(t)
         if p is not None and p.op_type in FUSED_ACTIVATIONS and p.input[0] in producer:
             p = producer[p.input[0]] if producer[p.input[0]].op_type in convs else p
-        if p is not None and p.op_type in convs and TAPS_CONV not in p.name:
+        if p is not None and p.op_type in convs and not is_taps_conv(p):
             out.add(p.name)
     return out
 
@@ -673,7 +681,7 @@ def sensitive_convs(proto, sim, batch, tmpdir, exclude=()) -> dict[str, float]:
     onnx.save(proto, str(fp32))
     with quiet(*AIMET_LOGGERS):
         onnx.save(sim.to_onnx_qdq(), str(qdq))
-    convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude and TAPS_CONV not in n.name]
+    convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude and not is_taps_conv(n)]
     watch = list(dict.fromkeys(t for n in convs for t in (n.input[0], n.output[0])))
     losses = node_losses(collect_activations(fp32, batch, watch), collect_activations(qdq, batch, watch), convs)
     return dict(sorted(losses.items(), key=lambda kv: -kv[1])[:SENS16_CONVS])
