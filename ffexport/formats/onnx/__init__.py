@@ -15,7 +15,7 @@ from ...errors import FFExportError
 from ...log import log, quiet
 from ...meta import artifact_metadata
 from ..base import Format, Option
-from .npu_int8 import recipe_rule
+from .npu_int8 import AIMET_RECIPES, recipe_rule
 from ...runner import OUTPUTS, Runner
 
 MIN_OPSET, MAX_OPSET = 16, 20  # GridSample needs 16; DeformConv needs 19
@@ -195,10 +195,10 @@ def _export(model, name, out, opts):
 
         fp32 = out.with_name("fp32-" + out.name)
         proto = export_onnx(model, name, fp32, opts.input_size, opts.dynamic, x["opset"], opts.dcn, x["simplify"])
-        if x.get("recipe", "cpu") == "npu":
+        if x.get("recipe", "cpu") in AIMET_RECIPES:
             from .npu_int8 import quantize_npu
 
-            extra = quantize_npu(fp32, out, opts.input_size, opts.calib, opts.calib_size)
+            extra = quantize_npu(fp32, out, opts.input_size, opts.calib, opts.calib_size, recipe=x["recipe"])
         else:
             extra = quantize_onnx(fp32, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size,
                                   x["calib_method"], x["per_channel"], x["target_db"])
@@ -263,9 +263,10 @@ FORMAT = Format(
         Option("per_channel", True, "int8 weight granularity.", bool, flag="--per-channel/--per-tensor"),
         Option("recipe", "cpu", "int8 recipe: cpu (int8 where onnxruntime-CPU gains, sensitive convs float) or npu "
                                 "(AIMET for Qualcomm HTP: every conv's weights int8, 16-bit activations only for "
-                                "conv-free elementwise tensors and at most 4 sensitive convs; "
+                                "conv-free elementwise tensors and at most 4 sensitive convs) or npu16 (AIMET, "
+                                "w8a16: int8 weights, every activation 16-bit, as Qualcomm HTP runs it; "
                                 "docs/quantization-npu.md).",
-               str, ("cpu", "npu")),
+               str, ("cpu", "npu", "npu16")),
         Option("target_db", 50.0, "int8: keep the worst convs float until the conf output reaches this SQNR on "
                                   "calibration images (lower: more int8, less faithful; see docs/quantization.md).", float,
                min=0, max=200),

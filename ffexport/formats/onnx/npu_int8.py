@@ -19,7 +19,11 @@ islands. Steps (STEPS; the default DEFAULT_STEPS is the best measured, docs/quan
   offset/mask convs, the head convs, and the SENS16_CONVS convs that lose the most SQNR (quantize.py's
   node_losses): the earlier recipe, 29 convs w8a16;
 - taps16 (default for a `--dcn taps` graph): the taps form's sampling math 16-bit, as exact forms keep their
-  sampling float; cls16: the class heads' logits 16-bit (measured worse: it spends the conv budget).
+  sampling float; cls16: the class heads' logits 16-bit (measured worse: it spends the conv budget);
+- margin16: budget16 ranked by AIMET's analysis by disabling (each op's share of the whole error) on the scores
+  that decide detections (measured worse than budget16);
+- a16 (`--recipe npu16`): every activation 16-bit, w8a16 throughout (Qualcomm HTP's w8a16 mode).
+float_activations is the debugging view: a QDQ file with chosen activations' Q/DQ removed.
 Bias correction is not in aimet-onnx 2.42 (only aimet-torch has it).
 
 The result is a QDQ ONNX file (QuantizeLinear/DequantizeLinear around every quantized tensor) that
@@ -35,8 +39,15 @@ from ...errors import FFExportError
 from ...log import log, quiet
 from .quantize import OpSupport, _calibration_batch, op_kind
 
-RECIPES = ("cpu", "npu")
-STEPS = ("prelu", "cle", "adaround", "seqmse", "ew16", "dcn16", "taps16", "cls16", "out16", "sens16", "budget16")  # what the recipe can do; benchmarks/npu_int8.py measures each
+RECIPES = ("cpu", "npu", "npu16")
+# The AIMET recipes and their steps (None: DEFAULT_STEPS, + taps16 on a taps graph). npu16 is Qualcomm HTP's w8a16
+# mode as AIMET simulates it: int8 weights, every activation 16-bit. Measured on the taps form it is the one that
+# keeps crowd.jpg's borderline faces (96.2% matched; w8a8 npu 93.9%). Only the onnx format offers it: RKNN and
+# TFLite int8 have no such mode, and the qnn file at w8a16 measured worse than w8a8 in the QNN HTP simulator (box
+# SQNR 8.7 vs 18.2 dB, 20/22 matched vs 22/22, 320x320; not yet explained).
+AIMET_RECIPES = {"npu": None, "npu16": ("prelu", "cle", "a16")}
+STEPS = ("prelu", "cle", "adaround", "seqmse", "ew16", "dcn16", "taps16", "cls16", "out16", "sens16", "budget16",
+         "margin16", "a16")  # what the recipe can do; benchmarks/npu_int8.py measures each
 # The best measured combination with >= 95% of convs w8a8 (docs/quantization-npu.md). AdaRound is left out: at
 # 100 iterations x 4 images it took 36 min on 2 shared cores and changed AP by -0.1/-0.3/-0.1 (the loss is in
 # activations, not weights).
@@ -49,6 +60,7 @@ SEQMSE_IMAGES = 8
 A16_CONV_BUDGET = 4        # budget16: at most this many convs (of 90) leave w8a8, so >= 95% stay int8
 BUDGET16_TOP = 16          # budget16: the ops considered, worst per-layer sensitivity first
 BUDGET16_IMAGES = 2
+MARGIN16_SCORE = 0.3       # margin16: anchors scoring at least this in float decide detections (the threshold is 0.5)
 INSTALL = "pip install aimet-onnx==2.42.0  (or: pip install -e .[aimet])"
 AIMET_LOGGERS = ("Quant", "ConnectedGraph", "Utils", "AdaRound", "SeqMse", "root")
 # AIMET's target description: "default" (every op's output quantized, Conv+Relu the only fusion) or a Qualcomm HTP
@@ -73,13 +85,14 @@ def recipe_rule(default: str, other: str):
     from ..base import missing_modules
 
     def rule(opts) -> str | None:
-        if opts.extra.get("recipe", default) != "npu":
+        recipe = opts.extra.get("recipe", default)
+        if recipe not in AIMET_RECIPES:
             return None
         if opts.quantize != "int8":
             # Where npu is the default (qnn), a float export simply does not use it.
-            return None if default == "npu" else "--recipe npu is an int8 recipe: add --quantize int8"
+            return None if recipe == default else f"--recipe {recipe} is an int8 recipe: add --quantize int8"
         if missing_modules(("aimet_onnx",), INSTALL):
-            return f"--quantize int8 --recipe npu needs AIMET for ONNX: {INSTALL} (or --recipe {other})"
+            return f"--quantize int8 --recipe {recipe} needs AIMET for ONNX: {INSTALL} (or --recipe {other})"
         return None
 
     return rule
@@ -239,8 +252,15 @@ def _is_grouped(node) -> bool:
     return any(a.name == "group" and a.i > 1 for a in node.attribute)
 
 
+def activation_tensors(graph) -> set[str]:
+    """Every activation: the graph inputs and every node's outputs but Constants' (some weights are Constant nodes)."""
+    return {i.name for i in graph.input} | {o for n in graph.node if n.op_type != "Constant" for o in n.output}
+
+
 # 16-bit activation groups: step name -> (tensors, why their convs are w8a16).
 A16_GROUPS = {
+    "a16": (activation_tensors, "a16: every activation 16-bit (w8a16 throughout: int8 weights, which Qualcomm HTP "
+                                "runs natively; RKNN and TFLite int8 do not)"),
     "dcn16": (dcn_coordinate_tensors, "DCN offset/mask conv: its output is sampling coordinates, which need "
                                       "sub-pixel precision (16-bit output activations)"),
     "taps16": (taps_tensors, "taps DCN sampling math (tap weights, shifted maps and their sum): 16-bit, as "
@@ -281,6 +301,38 @@ def _dq_info(graph):
 
 FUSED_ACTIVATIONS = ("Relu", "PRelu", "LeakyRelu", "Clip")
 TAPS_CONV = "/taps_conv"  # node-name scope (taps_conv, taps_conv_1, ...) of models.dcn.TapsConv in exported graphs
+
+
+def float_activations(proto, keep_float):
+    """A copy of the QDQ `proto` with the Q/DQ pairs of the activations t where keep_float(t) removed (their
+    consumers read the float tensor; weights and the graph outputs keep theirs): which tensors' 8 bits the
+    output's error comes from, as onnxruntime's qdq debugger compares per tensor. Returns (proto, pairs removed)."""
+    import onnx
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    g = p.graph
+    inits = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    outs = {o.name for o in g.output}
+    nodes = list(g.node)
+    readers = Counter(x for n in nodes for x in n.input)
+    # Only a Q read by its one DQ is a removable pair.
+    qs = {n.output[0]: i for i, n in enumerate(nodes) if n.op_type == "QuantizeLinear" and readers[n.output[0]] == 1}
+    rename, drop = {}, set()
+    for i, n in enumerate(nodes):
+        if n.op_type == "DequantizeLinear" and n.input[0] in qs and n.output[0] not in outs:
+            t = nodes[qs[n.input[0]]].input[0]
+            if t not in inits and keep_float(t):
+                rename[n.output[0]] = t
+                drop |= {i, qs[n.input[0]]}
+    kept = [n for i, n in enumerate(nodes) if i not in drop]
+    for n in kept:
+        for j, x in enumerate(n.input):
+            if x in rename:
+                n.input[j] = rename[x]
+    del g.node[:]
+    g.node.extend(kept)
+    return p, len(drop) // 2
 
 
 def precision_table(proto) -> dict:
@@ -456,11 +508,12 @@ def match_conv_bitwidths(graph) -> int:
 
 
 def build_sim(proto, batch, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS, scheme="tf_enhanced", tmpdir=None,
-              adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, unfuse=False):
+              adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, unfuse=False, weight_scheme=None):
     """AIMET QuantizationSimModel of `proto` (modified in place by CLE), calibrated on `batch`.
 
     unfuse: quantize the conv outputs the target description fuses with their activation (requantize_fused;
-    what the onnxruntime QNN EP needs). Returns (sim, reasons) where reasons maps node -> why it has 16-bit
+    what the onnxruntime QNN EP needs). weight_scheme: another AIMET range scheme for the weights alone
+    (min_max weights measured no better on the taps form, docs/quantization-npu.md). Returns (sim, reasons) where reasons maps node -> why it has 16-bit
     activations.
     """
     from aimet_onnx import QuantizationSimModel, apply_adaround, int8
@@ -492,6 +545,12 @@ def build_sim(proto, batch, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS, 
                                    session_options_kwargs={"intra_op_num_threads": 1, "inter_op_num_threads": 1})
     if unfuse:
         log(f"  {requantize_fused(sim, float_proto.graph)} fused conv outputs quantized (for the QNN EP)")
+    if weight_scheme is not None:
+        from aimet_onnx.common.defs import QuantScheme
+
+        for name in sim.param_names:
+            if (q := sim.qc_quantize_op_dict.get(name)) is not None:
+                q.set_quant_scheme(QuantScheme.from_str(weight_scheme))
     reasons = {}
     producer = {o: n for n in float_proto.graph.node for o in n.output}
     for step in (s for s in steps if s in A16_GROUPS):
@@ -542,15 +601,24 @@ def build_sim(proto, batch, steps=DEFAULT_STEPS, adaround_iters=ADAROUND_ITERS, 
         log(f"  16-bit activations for the {len(worst)} most sensitive convs; recalibrating...")
         with quiet(*AIMET_LOGGERS):
             sim.compute_encodings(inputs)
-    if "budget16" in steps:
-        chosen = budget16(sim, float_proto, batch[:BUDGET16_IMAGES], exclude=set(reasons))
+    for step in ("budget16", "margin16"):
+        if step not in steps:
+            continue
+        margin = step == "margin16"
+        # margin16 picks its images among the whole batch (those with the most faces near the threshold).
+        chosen = budget16(sim, float_proto, batch if margin else batch[:BUDGET16_IMAGES], exclude=set(reasons),
+                          margin=margin)
         for name, (tensors, score, cost) in chosen.items():
             for t in tensors:
                 sim.qc_quantize_op_dict[t].set_bitwidth(16)
             for conv in cost:
-                reasons.setdefault(conv, f"16-bit activations chosen by AIMET per-layer sensitivity: quantizing "
-                                         f"{name} alone leaves {score:.1f} dB face-score SQNR, among the lowest "
-                                         f"(within the {A16_CONV_BUDGET}-conv budget)")
+                reasons.setdefault(conv, (
+                    f"16-bit activations chosen by AIMET per-layer analysis: the all-int8 sim with {name}'s "
+                    f"quantizers off scores {score:.1f} dB on the deciding face scores, among the highest "
+                    f"(within the {A16_CONV_BUDGET}-conv budget)") if margin else (
+                    f"16-bit activations chosen by AIMET per-layer sensitivity: quantizing "
+                    f"{name} alone leaves {score:.1f} dB face-score SQNR, among the lowest "
+                    f"(within the {A16_CONV_BUDGET}-conv budget)"))
         log(f"  16-bit activations on {sum(len(v[0]) for v in chosen.values())} tensors of the "
             f"{len(chosen)} most sensitive ops ({len(set().union(*[v[2] for v in chosen.values()]))} convs "
             f"w8a16); recalibrating...")
@@ -603,16 +671,22 @@ def conv_cost(graph, tensors) -> set[str]:
     return out
 
 
-def budget16(sim, proto, batch, exclude=()) -> dict:
+def budget16(sim, proto, batch, exclude=(), margin=False) -> dict:
     """16-bit activations where they buy the most, with at most A16_CONV_BUDGET convs leaving w8a8.
 
-    AIMET's per-layer sensitivity (aimet_onnx.analyze_per_layer_sensitivity: the sim with one op's
-    quantizers enabled at a time, scored by face-score SQNR against float on `batch`) ranks the ops; the
-    worst BUDGET16_TOP ops' output activations go to 16 bits, in order, as long as the convs this takes
-    out of w8a8 (conv_cost) stay within the budget. Elementwise ops cost no conv, so they always fit.
+    AIMET's per-layer sensitivity ranks the ops; the best BUDGET16_TOP candidates' output activations go to
+    16 bits, in order, as long as the convs this takes out of w8a8 (conv_cost) stay within the budget.
+    Elementwise ops cost no conv, so they always fit.
+    - budget16 (margin=False): aimet_onnx.analyze_per_layer_sensitivity, the sim with one op's quantizers
+      enabled at a time, scored by face-score SQNR over every anchor on the first `batch` images; lowest first.
+    - margin16 (margin=True): AIMET's analysis by disabling one op's quantizers at a time in the all-int8 sim
+      (what each op adds to the whole's error, not what it does alone), scored on the anchors that decide
+      detections (float face score >= MARGIN16_SCORE) of the calibration images with the most such anchors;
+      highest first. Measured on the taps form, the first conv's output (8 channels at half resolution) adds
+      the most score noise and the enabled-alone ranking never picks it.
     Returns {op: (tensors, score dB, convs)}."""
     import numpy as np
-    from aimet_onnx import analyze_per_layer_sensitivity
+    from aimet_onnx.quant_analyzer import QuantAnalyzer
 
     from ...measures import sqnr_db
 
@@ -622,12 +696,20 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.log_severity_level = 3
     ref_sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ref = [ref_sess.run(["conf"], {"input": x[None]})[0] for x in batch]
+    if margin:
+        confs = [ref_sess.run(["conf"], {"input": x[None]})[0][0, :, 1] for x in batch]
+        pick = np.argsort([-(c >= MARGIN16_SCORE).sum() for c in confs], kind="stable")[:BUDGET16_IMAGES]
+        images = [batch[i] for i in pick]
+        masks = [confs[i] >= MARGIN16_SCORE for i in pick]
+    else:
+        images = batch[:BUDGET16_IMAGES]
+        masks = [slice(None)] * len(images)
+    ref = [ref_sess.run(["conf"], {"input": x[None]})[0][0, :, 1][m] for x, m in zip(images, masks)]
 
     def face_sqnr(sess):
         name = sess.get_outputs()[1].name       # the sim keeps the output order (loc, conf, landmarks)
-        out = [sess.run([name], {sess.get_inputs()[0].name: x[None]})[0] for x in batch]
-        return float(np.mean([sqnr_db(a[..., 1], b[..., 1]) for a, b in zip(ref, out)]))
+        out = [sess.run([name], {sess.get_inputs()[0].name: x[None]})[0][0, :, 1][m] for x, m in zip(images, masks)]
+        return float(np.mean([sqnr_db(a, b) for a, b in zip(ref, out)]))
 
     # The taps form's sampling math (thousands of elementwise ops, 16-bit by taps16) is not a candidate: its
     # quantizers are off during the analysis, which then visits only the model's ops (AIMET skips ops with no
@@ -637,7 +719,9 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
         q.enabled = False
     try:
         with quiet(*AIMET_LOGGERS):
-            scores = analyze_per_layer_sensitivity(sim, face_sqnr)
+            analyzer = QuantAnalyzer(sim.model, None, lambda: None, face_sqnr)
+            scores = (analyzer.perform_per_layer_analysis_by_disabling_quantizers(sim) if margin else
+                      analyzer.perform_per_layer_analysis_by_enabling_quantizers(sim))
     finally:
         for q in sampling:
             q.enabled = True
@@ -650,7 +734,7 @@ def budget16(sim, proto, batch, exclude=()) -> dict:
     param = set(sim.param_names)
     groups = quantizer_groups(sim)
     chosen, spent = {}, set()
-    for name, score in sorted(scores.items(), key=lambda kv: kv[1])[:BUDGET16_TOP]:
+    for name, score in sorted(scores.items(), key=lambda kv: -kv[1] if margin else kv[1])[:BUDGET16_TOP]:
         n = nodes.get(name)
         if n is None:
             continue
@@ -688,18 +772,19 @@ def sensitive_convs(proto, sim, batch, tmpdir, exclude=()) -> dict[str, float]:
 
 
 def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=None, adaround_iters=ADAROUND_ITERS,
-                 scheme="tf_enhanced", adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, qnn_ep=False) -> dict:
+                 scheme="tf_enhanced", adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, qnn_ep=False,
+                 recipe="npu") -> dict:
     """Quantize the fp32 ONNX file `fp32` into the QDQ file `out`; returns its metadata entries.
 
     qnn_ep: the file is for the onnxruntime QNN EP (the qnn format): unfolded BatchNormalizations become Mul + Add
     first (batchnorm_to_affine) and fused conv outputs are quantized (requantize_fused). steps: None is
-    DEFAULT_STEPS, plus taps16 for a taps-form graph."""
+    the recipe's (AIMET_RECIPES): for npu DEFAULT_STEPS, plus taps16 for a taps-form graph."""
     import onnx
 
     require_aimet()
     proto = onnx.load(str(fp32))
     if steps is None:
-        steps = DEFAULT_STEPS + (("taps16",) if taps_tensors(proto.graph) else ())
+        steps = AIMET_RECIPES[recipe] or DEFAULT_STEPS + (("taps16",) if taps_tensors(proto.graph) else ())
     batch, root = _calibration_batch(calib, calib_size, size)
     log(f"npu int8 recipe ({' + '.join(steps) or 'plain'}) with aimet-onnx on {len(batch)} calibration images:")
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -715,7 +800,7 @@ def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=N
             f"(for the QNN EP)")
     table = precision_table(qdq)
     report_precision(table, reasons)
-    extra = {"quantization": "int8", "int8_recipe": "npu",
+    extra = {"quantization": "int8", "int8_recipe": recipe,
              "calibration": f"{len(batch)} images from {Path(root).name}, aimet-onnx {scheme}, per-channel weights, "
                             f"config {config}",
              "npu_steps": "+".join(steps) + (f" (adaround {adaround_iters} it x {adaround_images} images)"
