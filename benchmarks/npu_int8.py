@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--adaround-iters", type=int, default=npu_int8.ADAROUND_ITERS)
     ap.add_argument("--adaround-images", type=int, default=npu_int8.ADAROUND_IMAGES)
     ap.add_argument("--scheme", default="tf_enhanced")
+    ap.add_argument("--weight-scheme", default=None, help="another AIMET range scheme for the weights alone")
     ap.add_argument("--sim-config", default=npu_int8.SIM_CONFIG, choices=npu_int8.SIM_CONFIGS,
                     help="AIMET quantsim config (target description)")
     ap.add_argument("--keep", help="also keep the QDQ file here")
@@ -115,7 +116,7 @@ def main():
         else:
             steps = () if a.config == "plain" else tuple(a.config.split("+"))
             npu_int8.quantize_npu(fp32, q, SIZE, None, a.calib_size, steps, a.adaround_iters, a.scheme,
-                                  a.adaround_images, a.sim_config)
+                                  a.adaround_images, a.sim_config, weight_scheme=a.weight_scheme)
         qtime = time.time() - t
         table = npu_int8.precision_table(onnx.load(str(q)))
         if a.keep:
@@ -130,13 +131,14 @@ def main():
            "convs_int8_input": f"{table['int8_input_convs']}/{table['convs']}",
            "sim_config": a.sim_config if a.config not in ("fp32", "ort") else None,
            "calib_images": a.calib_size, "scheme": a.scheme if a.config not in ("fp32", "ort") else None,
+           **({"weight_scheme": a.weight_scheme} if a.weight_scheme else {}),
            "adaround": f"{a.adaround_iters} it x {a.adaround_images} images" if "adaround" in a.config else None,
            "quantize_s": round(qtime, 1), "eval_s": round(time.time() - t, 1)}
     print(json.dumps(row))
     OUT.parent.mkdir(exist_ok=True)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
     key = lambda r: (r["config"], r["dcn"], r["images"], r.get("sim_config") or "default", r.get("calib_images"),
-                     r.get("scheme"))
+                     r.get("scheme"), r.get("weight_scheme"))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     data["machine"], data["versions"] = machine_info(), versions()
     data["note"] = ("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 letterbox, "

@@ -671,40 +671,59 @@ def conv_cost(graph, tensors) -> set[str]:
     return out
 
 
+def cpu_session(proto):
+    """onnxruntime CPU session of an in-memory model, 1 thread, its warnings off (measurements, not runs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def face_scores(sess, images) -> list:
+    """Per image, the face score of every anchor (conf[..., 1])."""
+    return [sess.run(["conf"], {"input": x[None]})[0][0, :, 1] for x in images]
+
+
+def deciding_images(confs, n) -> list[int]:
+    """The n images with the most anchors scoring >= MARGIN16_SCORE (those decide detections), ties in order."""
+    import numpy as np
+
+    return [int(i) for i in np.argsort([-(c >= MARGIN16_SCORE).sum() for c in confs], kind="stable")[:n]]
+
+
 def budget16(sim, proto, batch, exclude=(), margin=False) -> dict:
     """16-bit activations where they buy the most, with at most A16_CONV_BUDGET convs leaving w8a8.
 
-    AIMET's per-layer sensitivity ranks the ops; the best BUDGET16_TOP candidates' output activations go to
-    16 bits, in order, as long as the convs this takes out of w8a8 (conv_cost) stay within the budget.
-    Elementwise ops cost no conv, so they always fit.
-    - budget16 (margin=False): aimet_onnx.analyze_per_layer_sensitivity, the sim with one op's quantizers
-      enabled at a time, scored by face-score SQNR over every anchor on the first `batch` images; lowest first.
+    AIMET's per-layer analysis (aimet_onnx.quant_analyzer.QuantAnalyzer) ranks the ops; the best BUDGET16_TOP
+    candidates' output activations go to 16 bits, in order, as long as the convs this takes out of w8a8
+    (conv_cost) stay within the budget. Elementwise ops cost no conv, so they always fit.
+    - budget16 (margin=False): the sim with one op's quantizers enabled at a time (what
+      aimet_onnx.analyze_per_layer_sensitivity runs), scored by face-score SQNR over every anchor on the first
+      `batch` images; lowest first.
     - margin16 (margin=True): AIMET's analysis by disabling one op's quantizers at a time in the all-int8 sim
       (what each op adds to the whole's error, not what it does alone), scored on the anchors that decide
       detections (float face score >= MARGIN16_SCORE) of the calibration images with the most such anchors;
-      highest first. Measured on the taps form, the first conv's output (8 channels at half resolution) adds
-      the most score noise and the enabled-alone ranking never picks it.
+      highest first. Measured on the taps form it picked no better convs than budget16 and lost AP and crowd.jpg
+      detections (docs/quantization-npu.md): a measured step, not the default.
     Returns {op: (tensors, score dB, convs)}."""
     import numpy as np
     from aimet_onnx.quant_analyzer import QuantAnalyzer
 
     from ...measures import sqnr_db
 
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    ref_sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ref_sess = cpu_session(proto)
     if margin:
-        confs = [ref_sess.run(["conf"], {"input": x[None]})[0][0, :, 1] for x in batch]
-        pick = np.argsort([-(c >= MARGIN16_SCORE).sum() for c in confs], kind="stable")[:BUDGET16_IMAGES]
+        confs = face_scores(ref_sess, batch)
+        pick = deciding_images(confs, BUDGET16_IMAGES)
         images = [batch[i] for i in pick]
         masks = [confs[i] >= MARGIN16_SCORE for i in pick]
+        ref = [confs[i][m] for i, m in zip(pick, masks)]
     else:
         images = batch[:BUDGET16_IMAGES]
         masks = [slice(None)] * len(images)
-    ref = [ref_sess.run(["conf"], {"input": x[None]})[0][0, :, 1][m] for x, m in zip(images, masks)]
+        ref = [s[m] for s, m in zip(face_scores(ref_sess, images), masks)]
 
     def face_sqnr(sess):
         name = sess.get_outputs()[1].name       # the sim keeps the output order (loc, conf, landmarks)
@@ -773,7 +792,7 @@ def sensitive_convs(proto, sim, batch, tmpdir, exclude=()) -> dict[str, float]:
 
 def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=None, adaround_iters=ADAROUND_ITERS,
                  scheme="tf_enhanced", adaround_images=ADAROUND_IMAGES, config=SIM_CONFIG, qnn_ep=False,
-                 recipe="npu") -> dict:
+                 recipe="npu", weight_scheme=None) -> dict:
     """Quantize the fp32 ONNX file `fp32` into the QDQ file `out`; returns its metadata entries.
 
     qnn_ep: the file is for the onnxruntime QNN EP (the qnn format): unfolded BatchNormalizations become Mul + Add
@@ -792,7 +811,7 @@ def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=N
         log(f"  {batchnorm_to_affine(proto.graph)} BatchNormalization -> Mul + Add (QNN HTP runs those quantized)")
     with tempfile.TemporaryDirectory() as tmpdir:
         sim, reasons = build_sim(proto, batch, steps, adaround_iters, scheme, Path(tmpdir), adaround_images, config,
-                                 unfuse=qnn_ep)
+                                 unfuse=qnn_ep, weight_scheme=weight_scheme)
         with quiet(*AIMET_LOGGERS):
             qdq = sim.to_onnx_qdq(prequantize_constants=True)
     if qnn_ep:
@@ -801,8 +820,8 @@ def quantize_npu(fp32, out, size=(640, 640), calib=None, calib_size=100, steps=N
     table = precision_table(qdq)
     report_precision(table, reasons)
     extra = {"quantization": "int8", "int8_recipe": recipe,
-             "calibration": f"{len(batch)} images from {Path(root).name}, aimet-onnx {scheme}, per-channel weights, "
-                            f"config {config}",
+             "calibration": f"{len(batch)} images from {Path(root).name}, aimet-onnx {scheme}, per-channel "
+                            f"{weight_scheme + ' ' if weight_scheme else ''}weights, config {config}",
              "npu_steps": "+".join(steps) + (f" (adaround {adaround_iters} it x {adaround_images} images)"
                                              if "adaround" in steps else ""),
              "int8_convs": f"{table['int8_convs']}/{table['convs']}", "w8a16_convs": str(len(table["w8a16"])),
