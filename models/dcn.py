@@ -146,7 +146,8 @@ def folded_conv2d(x, mask, weight, bias, kernel=(3, 3), stride=(1, 1), padding=(
     return out
 
 
-def taps_conv2d(y, dy, dx, mask, expand, sum_k, radius=TAPS_RADIUS, kernel=(3, 3), padding=(1, 1), conv=F.conv2d):
+def taps_conv2d(y, dy, dx, mask, expand, sum_k, radius=TAPS_RADIUS, kernel=(3, 3), padding=(1, 1), conv=F.conv2d,
+                integer_ops=False):
     """The "taps" form (stride 1): sum over kernel points k and integer taps (a, b) in [-R, R]^2 of
     mask_k * relu(1 - |dy_k - a|) * relu(1 - |dx_k - b|) * y_k(p + k + (a, b)), which is bilinear sampling
     at p + k + (dy_k, dx_k) with zeros outside the image, for |dy|, |dx| <= R.
@@ -155,7 +156,10 @@ def taps_conv2d(y, dy, dx, mask, expand, sum_k, radius=TAPS_RADIUS, kernel=(3, 3
     to the kernel point; expand (K*O, 1, 1, 1) ones, a grouped 1x1 conv K -> K*O that broadcasts a per-kernel-
     point weight over its O channels (a conv, not a 5-D broadcast: NPUs want 4-D tensors); sum_k adds the K
     maps up (the native form's buffer). conv(x, weight, groups=1) runs those two structural convs (a named
-    module, so exported graphs tell them from the model's convs)."""
+    module, so exported graphs tell them from the model's convs). `integer_ops`: the clamp and |z| written with
+    Relu/Add/Sub/Maximum only, the same values, for quantizers that have no int16 Abs or Minimum (ai-edge-quantizer
+    0.10: those ops stayed float, 180 of them); -2 + relu(x + 2) - relu(x - 2), as 2 - relu(2 - x) was mis-converted
+    by litert-torch in the whole model (12% of crowd.jpg matched, measured; right in a small model)."""
     kh, kw = kernel
     k = kh * kw
     n, ko, h, w = y.shape
@@ -163,14 +167,19 @@ def taps_conv2d(y, dy, dx, mask, expand, sum_k, radius=TAPS_RADIUS, kernel=(3, 3
     # Max/Min with constant bounds rather than Clip: a QDQ Clip's bounds become quantized tensors, and the QNN EP
     # then leaves all 30 Clips on the CPU (measured); elementwise Max/Min run on HTP.
     lo, hi = _const([-float(r)], y.dtype), _const([float(r)], y.dtype)
-    dy, dx = torch.minimum(torch.maximum(dy, lo), hi), torch.minimum(torch.maximum(dx, lo), hi)
+    if integer_ops:
+        dy, dx = (lo + F.relu(t - lo) - F.relu(t - hi) for t in (dy, dx))
+        hat = lambda z, a: F.relu(1 - torch.maximum(z - a, a - z))  # noqa: E731
+    else:
+        dy, dx = torch.minimum(torch.maximum(dy, lo), hi), torch.minimum(torch.maximum(dx, lo), hi)
+        hat = lambda z, a: F.relu(1 - (z - a).abs())  # noqa: E731
     pt = (padding[0] + r, padding[1] + r)
     yp = F.pad(y, (pt[1], pt[1], pt[0], pt[0]))
     # Each kernel point's map shifted to its kernel position once: then every tap is one slice of all K.
     shifted = torch.cat([yp[:, t * o:(t + 1) * o, i:i + h + 2 * r, j:j + w + 2 * r]
                          for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))], 1)
-    wy = [mask * F.relu(1 - (dy - a).abs()) for a in range(-r, r + 1)]
-    wx = [F.relu(1 - (dx - b).abs()) for b in range(-r, r + 1)]
+    wy = [mask * hat(dy, a) for a in range(-r, r + 1)]
+    wx = [hat(dx, b) for b in range(-r, r + 1)]
     acc = None
     for ia in range(2 * r + 1):
         for ib in range(2 * r + 1):
@@ -350,6 +359,7 @@ class DeformableConv2d(nn.Module):
         self.register_buffer("fold_weight", None, persistent=False)
         self.register_buffer("fold_bias", None, persistent=False)
         self.fold_exact_form = "grid"
+        self.taps_integer_ops = False  # taps_conv2d's integer_ops (set by integer_ops() for an export)
         # For the weights-first native export: sums the K per-kernel-point maps (not in the checkpoint).
         self.register_buffer("sum_k", torch.eye(cout).repeat(1, k * k).view(cout, k * k * cout, 1, 1),
                              persistent=False)
@@ -402,7 +412,7 @@ class DeformableConv2d(nn.Module):
         offset, logits = self._offset_mask(x, grouped=True)
         y = F.conv2d(x, w.permute(2, 3, 0, 1).reshape(k * o, c, 1, 1))
         return taps_conv2d(y, offset[:, :k], offset[:, k:], 2.0 * torch.sigmoid(logits), self.taps_expand,
-                           self.sum_k, self.taps_radius, (kh, kw), self.padding, self.taps_conv)
+                           self.sum_k, self.taps_radius, (kh, kw), self.padding, self.taps_conv, self.taps_integer_ops)
 
     def _rows_points(self, x):
         """py, px, mask as (N, Ho, Wo, K): whole displacements, grouped, so nothing downstream slices

@@ -102,5 +102,63 @@ def test_deformconv_native_is_refused_for_tflite(tmp_path):
     assert r.returncode == 2 and "native" in r.stderr
 
 
+def test_integer_ops_rewrite_computes_the_same_network(v2_model):
+    """The ops ai-edge-quantizer cannot quantize (LeakyReLU, |z|, the offset clamp's Minimum), rewritten for the
+    npu recipes, change no output, and the model is restored afterwards."""
+    import torch
+
+    from ffexport.formats.tflite import integer_ops
+    from ffexport.images import read_image
+    from ffexport.models.dcn import dcn_form
+    from ffexport.models.preprocess import prepare
+
+    x = torch.from_numpy(prepare(read_image(IMAGES / "group.jpg"), SIZE)[0])
+    with dcn_form(v2_model, "taps"), torch.no_grad():
+        ref = v2_model(x)
+        with integer_ops(v2_model):
+            assert not any(isinstance(m, torch.nn.LeakyReLU) for m in v2_model.modules())
+            got = v2_model(x)
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in v2_model.modules())
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+def test_npu16_taps_is_integer_throughout_and_finds_the_faces(tmp_path, v2_model):
+    """`--recipe npu16`: int8 weights, 16-bit activations for every op (no float op, no DEQUANTIZE inside),
+    through the CLI as a user runs it (its export check included), then detections against PyTorch."""
+    from ffexport.formats.tflite import op_precisions
+    from ffexport.models.dcn import dcn_form
+    from ffexport.parity import TOLERANCES
+
+    out = tmp_path / "v2_taps_npu16.tflite"
+    r = run_cli("tflite", "--dcn", "taps", "--quantize", "int8", "--recipe", "npu16", "--input-size", "160",
+                "--calib-size", "8", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "ops integer; convs" in r.stdout + r.stderr and "kept in float" not in r.stdout + r.stderr
+    table = op_precisions(out)
+    assert table["CONV_2D"] == {"int16": sum(table["CONV_2D"].values())}, table["CONV_2D"]
+    # Input and outputs are int16 too (the runner scales them): no float tensor, only int16 requantizations.
+    assert "DEQUANTIZE" not in table and set(table["QUANTIZE"]) == {"int16->int16"}, table
+    assert all(set(c) == {"int16"} for op, c in table.items() if op != "QUANTIZE"), table
+    meta = read_metadata(out)
+    assert meta["int8_recipe"] == "npu16" and meta["dcn"] == "taps" and "16-bit activations" in meta["int8_ops"]
+    runner = TFLiteRunner(out)
+    with dcn_form(v2_model, "taps"):
+        report = compare(TorchRunner(v2_model, "v2"), runner, PHOTOS, precision="int8", progress=False)
+    det = report.detections
+    assert det["ref_count"] >= 4 and det["matched"] >= TOLERANCES["int8"]["matched"], det
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--recipe", "npu16"], "add --quantize int8"),
+    (["--quantize", "int8", "--recipe", "npu"], "use --dcn taps"),
+    (["--dcn", "taps", "--quantize", "int8", "--recipe", "npu", "--nms"], "drop --nms"),
+])
+def test_npu_recipes_are_refused_where_not_measured(tmp_path, args, fragment):
+    out = tmp_path / "x.tflite"
+    assert_one_line_error(run_cli("tflite", *args, "-o", out), fragment)
+    assert not out.exists()
+
+
 # Slow: real conversions / emulation in module fixtures (the quick subset is `pytest -m "not slow"`).
 pytestmark = pytest.mark.slow

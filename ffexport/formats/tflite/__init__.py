@@ -12,6 +12,7 @@ and FULLY_CONNECTED; the DCN offset/modulator convs, the output heads, the sampl
 Runs with the ai-edge-litert interpreter (XNNPACK). ffexport's metadata is embedded in the
 flatbuffer's metadata table as JSON ("ffexport").
 """
+import contextlib
 import json
 import tempfile
 import time
@@ -25,7 +26,7 @@ from ...log import log, quiet
 from ...meta import artifact_metadata
 from ...runner import Runner
 from ...e2e import detections_from_outputs, for_export, image_from_tensor, name_outputs, runner_io
-from ..base import ExportOptions, Format, image_input_needs_nms, missing_modules
+from ..base import ExportOptions, Format, Option, image_input_needs_nms, missing_modules
 
 META_KEY = "ffexport"
 DCN_FORMS = ("rows", "grid", "gather", "plain", "fold", "taps")
@@ -35,6 +36,13 @@ DCN_FORMS = ("rows", "grid", "gather", "plain", "fold", "taps")
 # sampling arithmetic float) was measured and rejected: 1.09x faster than fp32 but AP -1.2/-0.9/-2.0
 # (benchmarks/RESULTS.md, issue 14).
 FLOAT_CONVS = r"^(?!.*(offset_conv|modulator_conv|OffsetMaskConv|Head))"
+# --recipe: cpu, the selective int8 above (XNNPACK's gains, sensitive convs float); npu / npu16, every op
+# ai-edge-quantizer quantizes, w8a8 / int16 activations with int8 weights (TFLite's 16x8 mode), on an
+# integer-only graph (integer_ops). Measured on the taps form only (docs/quantization-npu.md): in the other forms
+# the sampling coordinates (gather indices, grid) would be quantized.
+RECIPES = ("cpu", "npu", "npu16")
+NPU_ACTIVATION_BITS = {"npu": 8, "npu16": 16}
+NPU_DCN_FORMS = ("taps", "plain")
 
 
 def _need(module, what="TFLite export"):
@@ -44,6 +52,41 @@ def _need(module, what="TFLite export"):
         return importlib.import_module(module)
     except ImportError:
         raise FFExportError(f"{what} needs {module.split('.')[0]}: pip install 'ffexport[tflite]'") from None
+
+
+@contextlib.contextmanager
+def integer_ops(model):
+    """`model` with the ops ai-edge-quantizer cannot quantize (LEAKY_RELU, ABS, MINIMUM: they stayed float, 213
+    of 3898 ops of the taps graph, each with a QUANTIZE/DEQUANTIZE pair) written as ones it can, the same outputs
+    (crowd.jpg 132/132 matched, ~108 dB; measured); restored afterwards. An NPU runs no float op in between."""
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    from ffexport.models.dcn import DeformableConv2d
+
+    class ReluMix(tnn.Module):  # LeakyReLU(x) = s*x + (1-s)*relu(x)
+        def __init__(self, slope):
+            super().__init__()
+            self.slope = slope
+
+        def forward(self, x):
+            return self.slope * x + (1 - self.slope) * F.relu(x)
+
+    swapped, dcns = [], [m for m in model.modules() if isinstance(m, DeformableConv2d)]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, tnn.LeakyReLU):
+                setattr(parent, name, ReluMix(child.negative_slope))
+                swapped.append((parent, name, child))
+    for m in dcns:
+        m.taps_integer_ops = True
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+        for m in dcns:
+            m.taps_integer_ops = False
 
 
 def embed_metadata(path, meta: dict):
@@ -76,15 +119,17 @@ def read_metadata(path) -> dict:
 
 
 def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=None, calib_size=100, dcn="rows",
-                  sample=None, extra_meta=None):
-    """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static).
+                  sample=None, extra_meta=None, recipe="cpu"):
+    """Convert `model` to a fixed-size .tflite at `out` (fp32; "fp16" weights; or "int8" static, `recipe`: RECIPES).
 
     `model` may be the end-to-end wrapper (ffexport.e2e.for_export), `sample` its example input."""
     import torch
 
     from ffexport.models.dcn import dcn_form
 
-    FORMAT.resolve(ExportOptions(dcn=dcn, quantize=quantize))  # called directly too, not only via the exporter
+    # called directly too, not only via the exporter
+    FORMAT.resolve(ExportOptions(dcn=dcn, quantize=quantize, extra={"recipe": recipe}))
+    npu = quantize == "int8" and recipe in NPU_ACTIVATION_BITS
     with quiet("torch", "torchao", "absl"):  # torchao's "Failed to load ..." notes on import
         litert_torch = _need("litert_torch")
         if quantize:
@@ -96,7 +141,8 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = Path(tmpdir) / "fp32.tflite"
         # A fold's layers kept exact use the rows form too: grid/gather lower to GATHER_ND here.
-        with dcn_form(model.eval(), dcn, exact="rows"), torch.no_grad():
+        with dcn_form(model.eval(), dcn, exact="rows"), (integer_ops(model) if npu else contextlib.nullcontext()), \
+                torch.no_grad():
             try:
                 with quiet("litert_torch", "absl", "tensorflow", "jax"):
                     sample = torch.zeros(1, 3, h, w) if sample is None else sample
@@ -107,10 +153,15 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
         log(f"   converted in {time.time() - t0:.0f} s")
         path, extra = fp32, {}
         if quantize:
-            log(f"2/{steps} quantizing ({quantize}) with ai-edge-quantizer...")
+            log(f"2/{steps} quantizing ({quantize}{f', recipe {recipe}' if quantize == 'int8' else ''}) with "
+                f"ai-edge-quantizer...")
             with quiet("ai_edge_quantizer", "absl", "tensorflow"):
                 path, extra = _quantize(fp32, Path(tmpdir), quantize, input_size, calib, calib_size,
-                                        image_input=sample is not None and sample.dtype == torch.uint8)
+                                        image_input=sample is not None and sample.dtype == torch.uint8,
+                                        recipe=recipe)
+            if npu:
+                for line in precision_lines(op_precisions(path)):
+                    log(f"   {line}")
         log(f"{steps}/{steps} embedding metadata and writing")
         meta = artifact_metadata(model, name, input_size, dcn, quantization=quantize or "none", **extra,
                                  **(extra_meta or {}))
@@ -120,7 +171,7 @@ def export_tflite(model, name, out, input_size=(640, 640), quantize=None, calib=
     return {"dcn": dcn, "quantization": quantize or "none"}
 
 
-def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
+def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False, recipe="cpu"):
     qz = _need("ai_edge_quantizer.quantizer")
     Op = _need("ai_edge_quantizer.qtyping").TFLOperationName
     q = qz.Quantizer(str(fp32))
@@ -136,7 +187,13 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
 
         root = calibration.find_widerface(calib)
         batch = calibration.load_batch(root, calib_size, size)
-        for op in ops:
+        bits = NPU_ACTIVATION_BITS.get(recipe)
+        if bits:
+            # Every op the quantizer supports (its static_wi8_ai16 / wi8_ai8 recipes): min-max ranges,
+            # per-channel symmetric int8 weights; int16 activations are symmetric, int8 asymmetric.
+            q.add_static_config(regex=".*", operation_name=Op.ALL_SUPPORTED, activation_num_bits=bits,
+                                weight_num_bits=8)
+        for op in () if bits else ops:
             # The offset / modulator conv stays float: int8 sampling coordinates cost detections.
             regex = FLOAT_CONVS if op == Op.CONV_2D else ".*"
             q.add_static_config(regex=regex, operation_name=op, activation_num_bits=8, weight_num_bits=8)
@@ -145,11 +202,65 @@ def _quantize(fp32, tmpdir, mode, size, calib, calib_size, image_input=False):
         feed = (lambda x: image_from_tensor(x[None])) if image_input else (lambda x: x[None])
         result = q.quantize(q.calibrate({"serving_default": [{"args_0": feed(x)} for x in batch]}))
         extra["calibration"] = f"{len(batch)} images from {Path(root).name}, min-max"
-        extra["int8_ops"] = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED; float: I/O, DCN offset/modulator "
+        extra["int8_recipe"] = recipe
+        extra["int8_ops"] = (f"every op ai-edge-quantizer supports: int8 weights, {bits}-bit activations" if bits else
+                             "CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED; float: I/O, DCN offset/modulator "
                              "conv, heads and sampling")
     out = tmpdir / f"{mode}.tflite"
     result.export_model(str(out), overwrite=True)
+    if mode == "int8" and NPU_ACTIVATION_BITS.get(recipe) == 16:
+        _general_int16_add_sub(out)
     return out, extra
+
+
+def _general_int16_add_sub(path):
+    """litert-torch writes pot_scale_int16=true (the schema default) on ADD/SUB; int16 scales that come out
+    powers of two (the taps clamp's +-2 ranges) then take the kernels' power-of-two path, whose Prepare fails
+    ("sub.cc:216 data->input1_shift == 0 || data->input2_shift == 0", measured). false: the general int16 path."""
+    fb = _need("ai_edge_litert.tools.flatbuffer_utils")
+    model = fb.read_model(str(path))
+    for g in model.subgraphs:
+        for op in g.operators:
+            if getattr(op.builtinOptions, "potScaleInt16", False):
+                op.builtinOptions.potScaleInt16 = False
+    fb.write_model(model, str(path))
+
+
+def op_precisions(path) -> dict:
+    """{op name: {"int8"|"int16"|"float32"|...: count}} of a .tflite, by each op's first non-constant input
+    (its output for ops with none); QUANTIZE/DEQUANTIZE by "in->out". What stayed float in an int8 file."""
+    import collections
+
+    schema = _need("ai_edge_litert.schema_py_generated", "Reading .tflite files")
+    fb = _need("ai_edge_litert.tools.flatbuffer_utils", "Reading .tflite files")
+    ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    model = fb.read_model(str(path))
+    g = model.subgraphs[0]
+    table = collections.defaultdict(collections.Counter)
+    for op in g.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = ops.get(max(code.builtinCode, code.deprecatedBuiltinCode), str(code.builtinCode))
+        ins = [g.tensors[i] for i in op.inputs if i >= 0]
+        acts = [t for t in ins if model.buffers[t.buffer].data is None] or [g.tensors[op.outputs[0]]]
+        out = g.tensors[op.outputs[0]]
+        key = f"{types[acts[0].type]}->{types[out.type]}" if name in ("QUANTIZE", "DEQUANTIZE") else types[acts[0].type]
+        table[name][key] += 1
+    return {k: dict(v) for k, v in sorted(table.items())}
+
+
+def precision_lines(table: dict) -> list[str]:
+    """What the int8 file computes in which precision, float ops named first (quantize.SUPPORT's style)."""
+    ints = {"int8", "int16", "uint8"}
+    total = sum(sum(v.values()) for v in table.values())
+    fl = {op: n for op, c in table.items() for t, n in c.items() if t not in ints and "->" not in t}
+    conv = {op: sum(c.values()) for op, c in table.items() if op in ("CONV_2D", "DEPTHWISE_CONV_2D")}
+    conv_int = sum(n for op in conv for t, n in table[op].items() if t in ints)
+    lines = [f"{total - sum(fl.values())}/{total} ops integer; convs {conv_int}/{sum(conv.values())} integer"]
+    if fl:
+        lines.append("kept in float: " + ", ".join(f"{op} {n}" for op, n in sorted(fl.items(), key=lambda kv: -kv[1]))
+                     + " (ai-edge-quantizer has no quantized kernel config for them)")
+    return lines
 
 
 def _interpreter():
@@ -238,7 +349,21 @@ def _export(model, name, out, opts):
         register_tflite_nms()
     net, x, meta = for_export(model, opts, nms_op=True)  # TFLite's builtin NON_MAX_SUPPRESSION_V5
     return export_tflite(net, name, out, opts.input_size, opts.quantize, opts.calib, opts.calib_size, opts.dcn,
-                         x, meta)
+                         x, meta, opts.extra["recipe"])
+
+
+def _recipe_rule(opts) -> str | None:
+    recipe = opts.extra.get("recipe", "cpu")
+    if recipe == "cpu":
+        return None
+    if opts.quantize != "int8":
+        return f"--recipe {recipe} is an int8 recipe: add --quantize int8"
+    if opts.dcn not in NPU_DCN_FORMS:
+        return (f"--recipe {recipe} quantizes every op, and in the {opts.dcn} form that includes the DCN sampling "
+                f"coordinates: use --dcn taps (gather-free, measured; docs/quantization-npu.md) or --recipe cpu")
+    if opts.nms:
+        return f"--recipe {recipe} writes the raw-output graph (NMS in it is not measured): drop --nms or use --recipe cpu"
+    return None
 
 
 def _available():
@@ -258,4 +383,10 @@ FORMAT = Format(
                                "fp32, fp16 weights or int8 (ai-edge-quantizer, calibrated)",
     suffixes=(".tflite",), export=_export, runner=lambda path, threads=None: TFLiteRunner(path, threads),
     dcn_forms=DCN_FORMS, quantize=("int8", "fp16"), extra="tflite", available=_available, runnable=_runnable,
-    nms=True, image_input=True, rules=(image_input_needs_nms,))
+    nms=True, image_input=True, rules=(image_input_needs_nms, _recipe_rule),
+    options=(
+        Option("recipe", "cpu", "int8 recipe: cpu (int8 convs where XNNPACK gains, DCN offset convs and heads float) "
+                                "or, with --dcn taps, npu (every op int8, an integer-only graph for NPUs) or npu16 "
+                                "(int8 weights, 16-bit activations: TFLite's 16x8 mode; measured to keep the AP; "
+                                "reference kernels on CPU, ~7x slower; docs/quantization-npu.md).", str, RECIPES),
+    ))
