@@ -8,7 +8,8 @@ for TFLite (EMBEDDING_LOOKUP + FULLY_CONNECTED): tens of ms a frame, the file th
 int8: litert-torch's own PT2E int8 fails on the DCN sampling, so ai-edge-quantizer quantizes the
 converted flatbuffer: static int8 (calibrated on the calibration set) for CONV_2D, DEPTHWISE_CONV_2D
 and FULLY_CONNECTED; the DCN offset/modulator convs, the output heads, the sampling math
-(coordinates, gather, bilinear weights) and I/O stay float.
+(coordinates, gather, bilinear weights) and I/O stay float (`--recipe cpu`). For NPUs, `--dcn taps --recipe npu16`
+(int16 activations, int8 weights) or `npu` (int8): every op quantized, the graph integer from input to outputs.
 Runs with the ai-edge-litert interpreter (XNNPACK). ffexport's metadata is embedded in the
 flatbuffer's metadata table as JSON ("ffexport").
 """
@@ -38,11 +39,11 @@ DCN_FORMS = ("rows", "grid", "gather", "plain", "fold", "taps")
 FLOAT_CONVS = r"^(?!.*(offset_conv|modulator_conv|OffsetMaskConv|Head))"
 # --recipe: cpu, the selective int8 above (XNNPACK's gains, sensitive convs float); npu / npu16, every op
 # ai-edge-quantizer quantizes, w8a8 / int16 activations with int8 weights (TFLite's 16x8 mode), on an
-# integer-only graph (integer_ops). Measured on the taps form only (docs/quantization-npu.md): in the other forms
-# the sampling coordinates (gather indices, grid) would be quantized.
+# integer-only graph (integer_ops). Offered on the taps form, where it was measured (docs/quantization-npu.md):
+# in the other forms the sampling coordinates (gather indices, grid) would be quantized.
 RECIPES = ("cpu", "npu", "npu16")
 NPU_ACTIVATION_BITS = {"npu": 8, "npu16": 16}
-NPU_DCN_FORMS = ("taps", "plain")
+NPU_DCN_FORMS = ("taps",)
 
 
 def _need(module, what="TFLite export"):
