@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ffexport.bench import machine_info, versions  # noqa: E402
+from ffexport.bench import record_rows  # noqa: E402
 from ffexport.evaluate import evaluate_runner  # noqa: E402
 from ffexport.formats.onnx import OnnxRunner, export_onnx  # noqa: E402
 from ffexport.formats.onnx import npu_int8  # noqa: E402
@@ -135,16 +135,12 @@ def main():
            "adaround": f"{a.adaround_iters} it x {a.adaround_images} images" if "adaround" in a.config else None,
            "quantize_s": round(qtime, 1), "eval_s": round(time.time() - t, 1)}
     print(json.dumps(row))
-    OUT.parent.mkdir(exist_ok=True)
-    data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
     key = lambda r: (r["config"], r["dcn"], r["images"], r.get("sim_config") or "default", r.get("calib_images"),
                      r.get("scheme"), r.get("weight_scheme"))
-    data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
-    data["machine"], data["versions"] = machine_info(), versions()
-    data["note"] = ("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 letterbox, "
+    record_rows(OUT, [row], key, note=(
+                    "AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 letterbox, "
                     "onnxruntime CPU EP (1 thread) running the QDQ file: a simulation of int8 on x86, not a device "
-                    "measurement")
-    OUT.write_text(json.dumps(data, indent=1))
+                    "measurement"))
 
 
 if __name__ == "__main__":

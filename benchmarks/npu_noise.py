@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ffexport import calibration  # noqa: E402
-from ffexport.bench import machine_info, versions  # noqa: E402
+from ffexport.bench import record_rows  # noqa: E402
 from ffexport.formats.onnx import npu_int8  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "npu_noise.json"
@@ -52,15 +52,12 @@ def main():
                "score_error_std": round(float(d.std()), 4), "logit_error_mean": round(float(dl.mean()), 3)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
-    data["rows"] = [r for r in data["rows"] if r["file"] != rows[0]["file"]] + rows
-    data["images"] = pick  # calibration-batch indices (the same 8 for every file of one fp32 graph)
-    data["machine"], data["versions"] = machine_info(), versions()
-    data["note"] = ("face-score error (int8 - fp32) on anchors with fp32 score >= 0.3 of the 8 calibration images with "
+    # images: calibration-batch indices (the same 8 for every file of one fp32 graph)
+    record_rows(OUT, rows, lambda r: r["file"], images=pick, note=(
+                    "face-score error (int8 - fp32) on anchors with fp32 score >= 0.3 of the 8 calibration images with "
                     "the most such anchors, 640x640, onnxruntime CPU 1 thread; 'float' = that region's activation "
                     "Q/DQ pairs removed (weights stay int8); logit_error_mean is dominated by near-saturated anchors "
-                    "(scores clipped at 1e-6): read the score columns")
-    OUT.write_text(json.dumps(data, indent=1))
+                    "(scores clipped at 1e-6): read the score columns"))
 
 
 if __name__ == "__main__":

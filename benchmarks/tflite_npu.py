@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ffexport.bench import machine_info, versions  # noqa: E402
+from ffexport.bench import record_rows  # noqa: E402
 from ffexport.evaluate import evaluate_runner  # noqa: E402
 from ffexport.formats.tflite import TFLiteRunner, export_tflite, op_precisions, precision_lines  # noqa: E402
 from ffexport.parity import compare  # noqa: E402
@@ -50,7 +50,6 @@ def main():
     a = ap.parse_args()
     root = os.environ["FFEXPORT_WIDERFACE"]
     model = load_model("v2")
-    data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         fp32 = d / "fp32.tflite"
@@ -76,14 +75,11 @@ def main():
                    "calib_images": a.calib_size if recipe != "fp32" else None,
                    "export_s": round(qtime, 1), "eval_s": round(time.time() - t, 1)}
             print(json.dumps(row), flush=True)
-            data["rows"] = [r for r in data["rows"] if (r["recipe"], r["images"]) != (recipe, row["images"])] + [row]
-            data["machine"], data["versions"] = machine_info(), versions()
-            data["note"] = ("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 "
+            record_rows(OUT, [row], lambda r: (r["recipe"], r["images"]), note=("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 "
                             "letterbox, the LiteRT interpreter (1 thread) on x86: int8/int16 simulated on the CPU "
                             "(int16 on reference kernels), not a device measurement. crowd_matched: detections of "
                             "the fp32 taps TFLite on crowd.jpg (score >= 0.5) matched at IoU 0.5. frame_ms: median "
-                            "of 5 at 1 thread, x_fp32_time measured interleaved with the fp32 file.")
-            OUT.write_text(json.dumps(data, indent=1))
+                            "of 5 at 1 thread, x_fp32_time measured interleaved with the fp32 file."))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,21 @@ import numpy as np
 from .benchtable import CLAIM, is_device_timing, ratios, table, verdict  # noqa: F401
 
 
+def record_rows(path, rows: list, key, **fields):
+    """Add `rows` to the results JSON at `path` (benchmarks/results/*.json), replacing the rows with the same
+    key(row), stamped with this machine and these versions; `fields` (a note...) set at the top level."""
+    from pathlib import Path
+
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    new = {key(r) for r in rows}
+    data["rows"] = [r for r in data["rows"] if key(r) not in new] + list(rows)
+    data.update(fields, machine=machine_info(), versions=versions())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return data
+
+
 def machine_info() -> dict:
     cpu = ""
     try:

@@ -69,3 +69,16 @@ def test_emulated_timings_never_decide_the_verdict():
     assert [r["target"] for r in ratios(mixed)] == ["onnxruntime"]
     v = verdict(mixed)
     assert "1.02-1.02 over 1 target" in v and "NOT SUPPORTED" in v and "1 emulated row(s) left out" in v
+
+
+def test_record_rows_replaces_a_rerun_and_keeps_the_rest(tmp_path):
+    """benchmarks/*.py record into results JSON: a rerun of one configuration replaces its row, others stay."""
+    from ffexport.bench import record_rows
+
+    out = tmp_path / "r.json"
+    key = lambda r: (r["recipe"], r["images"])  # noqa: E731
+    record_rows(out, [{"recipe": "npu", "images": 366, "easy": 90.1}, {"recipe": "fp32", "images": 366}], key, note="a")
+    data = record_rows(out, [{"recipe": "npu", "images": 366, "easy": 90.2}], key, note="b")
+    assert data == json.loads(out.read_text())
+    assert [r for r in data["rows"] if r["recipe"] == "npu"] == [{"recipe": "npu", "images": 366, "easy": 90.2}]
+    assert len(data["rows"]) == 2 and data["note"] == "b" and data["versions"] and data["machine"]
