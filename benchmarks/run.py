@@ -771,6 +771,8 @@ RENDERERS = [
     (render_nms, ("nms",)), (render_fold, ("fold",)), (render_peers, ("peers",)),
     (render_bench_session3, ("bench_session3",)), (render_report, ()),
     (render_npu, ("npu",)), (_others_json("npu_int8", "NPU int8 (AIMET; docs/quantization-npu.md)"), ("npu_int8",)),
+    (_others_json("tflite_npu", "TFLite NPU int8 (ai-edge-quantizer, taps form; docs/quantization-npu.md)"),
+     ("tflite_npu",)),
     (render_sizes, ("sizes",)),
 ]
 
