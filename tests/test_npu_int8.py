@@ -142,8 +142,8 @@ def test_npu16_recipe_is_w8a16_throughout(fp32, tmp_path):
 
 
 def test_recipe_npu16_is_offered_only_where_measured(tmp_path):
-    """Only the onnx format takes npu16: rknn has no w8a16 mode, and the qnn file at w8a16 measured worse than at
-    w8a8 in the QNN HTP simulator (npu_int8.AIMET_RECIPES)."""
+    """Of the AIMET formats only onnx takes npu16: rknn has no w8a16 mode, and the qnn file at w8a16 measured worse
+    than at w8a8 in the QNN HTP simulator (npu_int8.AIMET_RECIPES). TFLite's npu16 (16x8): test_tflite.py."""
     for fmt, name in (("rknn", "x.rknn"), ("qnn", "x.qnn.onnx")):
         r = run_cli(fmt, "--quantize", "int8", "--recipe", "npu16", "-o", tmp_path / name)
         assert r.returncode == 2 and "npu16" in r.stderr and not (tmp_path / name).exists(), r.stderr

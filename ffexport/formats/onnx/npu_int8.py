@@ -42,9 +42,9 @@ from .quantize import OpSupport, _calibration_batch, op_kind
 RECIPES = ("cpu", "npu", "npu16")
 # The AIMET recipes and their steps (None: DEFAULT_STEPS, + taps16 on a taps graph). npu16 is Qualcomm HTP's w8a16
 # mode as AIMET simulates it: int8 weights, every activation 16-bit. Measured on the taps form it is the one that
-# keeps crowd.jpg's borderline faces (96.2% matched; w8a8 npu 93.9%). Only the onnx format offers it: RKNN and
-# TFLite int8 have no such mode, and the qnn file at w8a16 measured worse than w8a8 in the QNN HTP simulator (box
-# SQNR 8.7 vs 18.2 dB, 20/22 matched vs 22/22, 320x320; not yet explained).
+# keeps crowd.jpg's borderline faces (96.2% matched; w8a8 npu 93.9%). Of the AIMET formats only onnx offers it: RKNN
+# int8 has no such mode, and the qnn file at w8a16 measured worse than w8a8 in the QNN HTP simulator (box SQNR 8.7
+# vs 18.2 dB, 20/22 matched vs 22/22, 320x320; not yet explained). TFLite's npu16 is its own (ai-edge-quantizer 16x8).
 AIMET_RECIPES = {"npu": None, "npu16": ("prelu", "cle", "a16")}
 STEPS = ("prelu", "cle", "adaround", "seqmse", "ew16", "dcn16", "taps16", "cls16", "out16", "sens16", "budget16",
          "margin16", "a16")  # what the recipe can do; benchmarks/npu_int8.py measures each
