@@ -15,10 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ffexport.bench import record_rows  # noqa: E402
+from ffexport.bench import record_rows, runner_call, time_interleaved  # noqa: E402
 from ffexport.evaluate import evaluate_runner  # noqa: E402
 from ffexport.formats.tflite import TFLiteRunner, export_tflite, op_precisions, precision_lines  # noqa: E402
 from ffexport.parity import compare  # noqa: E402
@@ -27,19 +29,6 @@ from ffexport.weights import load_model  # noqa: E402
 SIZE = (640, 640)
 OUT = ROOT / "benchmarks" / "results" / "tflite_npu.json"
 CROWD = ROOT.parent / "shared" / "images" / "crowd.jpg"
-
-
-def frame_ms(runner, runs=5):
-    import numpy as np
-
-    x = np.zeros((1, 3, *SIZE), np.float32)
-    runner(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner(x)
-        times.append(1000 * (time.perf_counter() - t))
-    return round(statistics.median(times), 1)
 
 
 def main():
@@ -63,7 +52,9 @@ def main():
                               recipe=recipe)
             qtime = time.time() - t
             runner = TFLiteRunner(path, threads=1)
-            ms, fp32_ms = frame_ms(runner), frame_ms(ref)  # interleaved: the ratio, not the absolute time
+            x = np.zeros((1, 3, *SIZE), np.float32)
+            times = time_interleaved({"q": runner_call(runner, x), "fp32": runner_call(ref, x)}, runs=5, warmup=1)
+            ms, fp32_ms = (round(statistics.median(times[k]), 1) for k in ("q", "fp32"))  # the ratio is what holds
             crowd = compare(ref, runner, [CROWD], precision="int8", progress=False).detections
             t = time.time()
             e = evaluate_runner(runner, root, limit=a.limit, progress=False)
@@ -75,11 +66,12 @@ def main():
                    "calib_images": a.calib_size if recipe != "fp32" else None,
                    "export_s": round(qtime, 1), "eval_s": round(time.time() - t, 1)}
             print(json.dumps(row), flush=True)
-            record_rows(OUT, [row], lambda r: (r["recipe"], r["images"]), note=("AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 "
+            record_rows(OUT, [row], lambda r: (r["recipe"], r["images"]), note=(
+                            "AP in % on WIDER FACE val held-out images (calibration manifest excluded), 640x640 "
                             "letterbox, the LiteRT interpreter (1 thread) on x86: int8/int16 simulated on the CPU "
                             "(int16 on reference kernels), not a device measurement. crowd_matched: detections of "
                             "the fp32 taps TFLite on crowd.jpg (score >= 0.5) matched at IoU 0.5. frame_ms: median "
-                            "of 5 at 1 thread, x_fp32_time measured interleaved with the fp32 file."))
+                            "of 5 at 1 thread, interleaved with the fp32 file's (bench.time_interleaved): x_fp32_time."))
 
 
 if __name__ == "__main__":
